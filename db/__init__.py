@@ -1,0 +1,1 @@
+"""The Agent Lightning platform's persistence layer: settings, pooled engine, models, migrations."""

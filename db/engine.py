@@ -1,0 +1,188 @@
+"""The process's pooled connection manager.
+
+One engine per process, built from :mod:`db.settings`. Connections are stamped with the pid
+that opened them so a forked worker never reuses its parent's sockets, and a connection that
+comes back from the pool inside a broken transaction is replaced rather than handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy import event, exc, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+
+from db.settings import DbSettings, load_db_settings
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER_VERSION = 130000
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+_sessions: sessionmaker[Session] | None = None
+
+
+def create_engine(settings: DbSettings, **overrides: Any) -> Engine:
+    """A new engine with the pool the settings describe; ``overrides`` go to SQLAlchemy."""
+    connect_args: dict[str, Any] = {
+        "application_name": settings.application_name,
+        "connect_timeout": settings.connect_timeout,
+    }
+    if settings.statement_timeout > 0:
+        connect_args["options"] = f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
+    options: dict[str, Any] = {
+        "poolclass": QueuePool,
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_timeout": settings.pool_timeout,
+        "pool_recycle": settings.pool_recycle or -1,
+        "pool_pre_ping": settings.pool_pre_ping,
+        "pool_use_lifo": True,
+        "connect_args": connect_args,
+    }
+    options.update(overrides)
+    engine = sa_create_engine(settings.url, **options)
+    install_listeners(engine)
+    return engine
+
+
+def install_listeners(engine: Engine) -> None:
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "checkout", _on_checkout)
+
+
+def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info["pid"] = os.getpid()
+    version = int(getattr(dbapi_connection, "server_version", 0) or 0)
+    if version and version < MIN_SERVER_VERSION:
+        raise exc.DisconnectionError(
+            f"PostgreSQL server {version} is too old; {MIN_SERVER_VERSION // 10000} or newer needed"
+        )
+
+
+def _on_checkout(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    pid = os.getpid()
+    if record.info.get("pid") != pid:
+        # Inherited across fork: the socket belongs to the parent. Drop it without closing it.
+        record.dbapi_connection = proxy.dbapi_connection = None
+        raise exc.DisconnectionError(
+            f"connection opened in pid {record.info.get('pid')}, checked out in pid {pid}"
+        )
+    status = getattr(dbapi_connection, "info", None)
+    if status is not None and status.transaction_status not in (0, 1):  # neither IDLE nor ACTIVE
+        raise exc.DisconnectionError("connection returned to the pool inside a transaction")
+
+
+def get_engine() -> Engine:
+    """The process's engine, created on first use from the environment."""
+    global _engine, _sessions
+    with _lock:
+        if _engine is None:
+            _engine = create_engine(load_db_settings())
+            _sessions = sessionmaker(bind=_engine, expire_on_commit=False)
+        return _engine
+
+
+def configure(engine: Engine) -> None:
+    """Make ``engine`` the process's engine (tests, or services that build their own)."""
+    global _engine, _sessions
+    with _lock:
+        _engine = engine
+        _sessions = sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """A session whose work commits when the block ends and rolls back if it raises."""
+    if engine is None:
+        get_engine()
+        assert _sessions is not None
+        session = _sessions()
+    else:
+        session = Session(bind=engine, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    latency_seconds: float
+    server_version: str | None
+    database: str | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def health_check(engine: Engine | None = None) -> Health:
+    """A round trip through the pool: whether it worked, how long it took, what answered."""
+    engine = engine or get_engine()
+    started = time.perf_counter()
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(
+                text("SELECT current_setting('server_version'), current_database()")
+            ).one()
+        return Health(True, time.perf_counter() - started, row[0], row[1])
+    except exc.SQLAlchemyError as error:
+        message = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        return Health(False, time.perf_counter() - started, None, None, message)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    size: int
+    max_overflow: int
+    checked_out: int
+    overflow: int
+    idle: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def pool_status(engine: Engine | None = None) -> PoolStatus:
+    """How the pool is used right now; ``overflow`` counts connections beyond ``size`` in use."""
+    pool = (engine or get_engine()).pool
+    if not isinstance(pool, QueuePool):
+        return PoolStatus(0, 0, pool.checkedout() if hasattr(pool, "checkedout") else 0, 0, 0)
+    size = pool.size()
+    checked_out = pool.checkedout()
+    return PoolStatus(
+        size=size,
+        max_overflow=pool._max_overflow,
+        checked_out=checked_out,
+        overflow=max(0, checked_out - size),
+        idle=pool.checkedin(),
+    )
+
+
+def dispose() -> None:
+    """Close every pooled connection of the process's engine and forget it."""
+    global _engine, _sessions
+    with _lock:
+        if _engine is not None:
+            _engine.dispose()
+        _engine = None
+        _sessions = None

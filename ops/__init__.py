@@ -1,0 +1,1 @@
+"""The dbops sidecar and the ``ops`` command."""

@@ -1,0 +1,60 @@
+"""The ``ops`` command: parse, call a service, render. Exit 0 ok, 1 failed, 2 bad usage/config."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from db.settings import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # the contract of every subcommand
+
+COMMAND_MODULES = (
+    "ops.commands.config",
+    "ops.commands.db",
+)
+
+log = logging.getLogger("ops")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="ops", description="dbops: the database layer's operations command")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ops.logs import setup_logging
+
+    # The real settings are validated by each command; logging must work before that.
+    log_format = os.environ.get("OPS_LOG_FORMAT", "").lower()
+    setup_logging(log_format if log_format in ("text", "json") else "text")
+    try:
+        code: int = args.handler(args)
+    except ConfigError as error:
+        print("invalid configuration:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

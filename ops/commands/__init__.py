@@ -1,0 +1,1 @@
+"""``ops`` subcommands: each module adds its parser with ``register(subparsers)``."""

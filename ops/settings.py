@@ -1,0 +1,161 @@
+"""Settings of the sidecar and the backup jobs, read with the database settings in one pass.
+
+``load_settings()`` reports every problem of the whole environment at once, database and
+sidecar alike, before any connection or thread starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+from db.seed.settings import SeedSettings, read_seed_settings
+from db.settings import REDACTED, DbSettings, EnvReader, read_db_settings
+
+BACKUP_FORMATS = ("custom", "directory")
+LOG_FORMATS = ("text", "json")
+_COMPRESSION = re.compile(r"^(?:[0-9]|(?:none|gzip|lz4|zstd)(?::\d{1,2})?)$")
+_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\s]*):(?P<port>\d{1,5})$")
+
+
+def validate_cron(expression: str) -> str | None:
+    """Why a 5-field crontab expression is invalid, or ``None`` when APScheduler accepts it."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    if len(expression.split()) != 5:
+        return "must be a 5-field cron expression (minute hour day month weekday), e.g. '0 3 * * *'"
+    try:
+        CronTrigger.from_crontab(expression, timezone=UTC)
+    except ValueError as exc:
+        return f"invalid cron expression: {exc}"
+    return None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    match = _LISTEN.match(text.strip())
+    if not match or not 0 < int(match.group("port")) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:9188")
+    return match.group("host").strip("[]"), int(match.group("port"))
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    schedule: str = "0 3 * * *"
+    directory: Path = Path("/var/lib/dbops/backups")
+    format: str = "custom"
+    compression: str = "1"
+    jobs: int = 1
+    keep_last: int = 7
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 6
+    verify_schedule: str = "30 4 * * *"
+    max_age: float = 26 * 3600.0
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 9188
+    log_format: str = "text"
+    log_level: str = "info"
+    query_timeout: float = 2.0
+    lock_timeout: float = 0.5
+    collector_ttl: float = 60.0
+    top_n: int = 20
+    pool_size: int = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: DbSettings
+    seed: SeedSettings
+    backup: BackupSettings
+    sidecar: SidecarSettings
+
+
+def read_backup_settings(reader: EnvReader) -> BackupSettings:
+    schedule = reader.string("BACKUP_SCHEDULE", BackupSettings.schedule)
+    if (reason := validate_cron(schedule)) is not None:
+        reader.problem("BACKUP_SCHEDULE", schedule, reason)
+    verify_schedule = reader.string("BACKUP_VERIFY_SCHEDULE", BackupSettings.verify_schedule)
+    if (reason := validate_cron(verify_schedule)) is not None:
+        reader.problem("BACKUP_VERIFY_SCHEDULE", verify_schedule, reason)
+    backup_format = reader.choice("BACKUP_FORMAT", BackupSettings.format, BACKUP_FORMATS)
+    compression = reader.string("BACKUP_COMPRESSION", BackupSettings.compression).lower()
+    if not _COMPRESSION.match(compression):
+        reader.problem(
+            "BACKUP_COMPRESSION", compression, "must be 0-9 or METHOD[:LEVEL] (gzip, lz4, zstd)"
+        )
+    jobs = reader.integer("BACKUP_JOBS", BackupSettings.jobs, minimum=1, maximum=64)
+    if jobs > 1 and backup_format != "directory":
+        reader.problem("BACKUP_JOBS", str(jobs), "parallel dumps need BACKUP_FORMAT=directory")
+    return BackupSettings(
+        schedule=schedule,
+        directory=Path(reader.string("BACKUP_DIR", str(BackupSettings.directory))),
+        format=backup_format,
+        compression=compression,
+        jobs=jobs,
+        keep_last=reader.integer("BACKUP_KEEP_LAST", BackupSettings.keep_last, minimum=1),
+        keep_daily=reader.integer("BACKUP_KEEP_DAILY", BackupSettings.keep_daily, minimum=0),
+        keep_weekly=reader.integer("BACKUP_KEEP_WEEKLY", BackupSettings.keep_weekly, minimum=0),
+        keep_monthly=reader.integer("BACKUP_KEEP_MONTHLY", BackupSettings.keep_monthly, minimum=0),
+        verify_schedule=verify_schedule,
+        max_age=reader.duration("BACKUP_MAX_AGE", BackupSettings.max_age, minimum=60),
+    )
+
+
+def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
+    listen = reader.string("OPS_LISTEN", "0.0.0.0:9188")
+    host, port = SidecarSettings.listen_host, SidecarSettings.listen_port
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        reader.problem("OPS_LISTEN", listen, str(exc))
+    return SidecarSettings(
+        listen_host=host,
+        listen_port=port,
+        log_format=reader.choice("OPS_LOG_FORMAT", "text", LOG_FORMATS),
+        log_level=reader.choice("OPS_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        query_timeout=reader.duration("OPS_QUERY_TIMEOUT", 2.0, minimum=0.01),
+        lock_timeout=reader.duration("OPS_LOCK_TIMEOUT", 0.5, minimum=0.001),
+        collector_ttl=reader.duration("OPS_COLLECTOR_TTL", 60.0, minimum=1),
+        top_n=reader.integer("OPS_TOP_N", 20, minimum=1, maximum=500),
+        pool_size=reader.integer("OPS_POOL_SIZE", 2, minimum=1, maximum=20),
+    )
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Everything ``ops`` reads, or :class:`db.settings.ConfigError` listing every problem."""
+    reader = EnvReader(environ)
+    settings = Settings(
+        db=read_db_settings(reader),
+        seed=read_seed_settings(reader),
+        backup=read_backup_settings(reader),
+        sidecar=read_sidecar_settings(reader),
+    )
+    reader.finish()
+    return settings
+
+
+def describe(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The settings as plain data with every secret redacted, for ``ops config show``."""
+    shown: dict[str, dict[str, Any]] = {}
+    for section in fields(settings):
+        value = getattr(settings, section.name)
+        entries: dict[str, Any] = {}
+        for item in fields(value):
+            entry = getattr(value, item.name)
+            if item.name == "url":
+                entry = value.redacted_url
+            elif item.metadata.get("secret"):
+                entry = REDACTED if entry is not None else None
+            elif isinstance(entry, Path):
+                entry = str(entry)
+            entries[item.name] = entry
+        shown[section.name] = entries
+    return shown
