@@ -34,3 +34,7 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff format db ops tests
 	$(BIN)/ruff check --fix db ops tests
+
+# Benchmarks print ratios against a baseline measured in the same run; they assert no time.
+bench: $(STAMP)
+	$(BIN)/pytest -s -p no:randomly tests/benchmarks
