@@ -37,4 +37,4 @@ fmt: $(STAMP)
 
 # Benchmarks print ratios against a baseline measured in the same run; they assert no time.
 bench: $(STAMP)
-	$(BIN)/pytest -s -p no:randomly tests/benchmarks
+	$(BIN)/pytest -s tests/benchmarks
