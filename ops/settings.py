@@ -55,6 +55,7 @@ class BackupSettings:
     keep_monthly: int = 6
     verify_schedule: str = "30 4 * * *"
     max_age: float = 26 * 3600.0
+    bindir: Path | None = None  # PG_BINDIR: where pg_dump/pg_restore live; None = PATH
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,18 @@ def read_backup_settings(reader: EnvReader) -> BackupSettings:
         keep_monthly=reader.integer("BACKUP_KEEP_MONTHLY", BackupSettings.keep_monthly, minimum=0),
         verify_schedule=verify_schedule,
         max_age=reader.duration("BACKUP_MAX_AGE", BackupSettings.max_age, minimum=60),
+        bindir=_read_bindir(reader),
     )
+
+
+def _read_bindir(reader: EnvReader) -> Path | None:
+    """``PG_BINDIR`` picks the client tools when several PostgreSQL versions are installed."""
+    text = reader.raw("PG_BINDIR")
+    if text is None:
+        return None
+    if not (Path(text) / "pg_dump").is_file():
+        reader.problem("PG_BINDIR", text, "has no pg_dump")
+    return Path(text)
 
 
 def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
