@@ -16,6 +16,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # the contract of every subcommand
 COMMAND_MODULES = (
     "ops.commands.config",
     "ops.commands.db",
+    "ops.commands.backup",
 )
 
 log = logging.getLogger("ops")

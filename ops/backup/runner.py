@@ -1,0 +1,289 @@
+"""One backup run: ``pg_dump`` from an exported snapshot into a temporary name, then publish.
+
+The run opens a REPEATABLE READ transaction, exports its snapshot, hands it to ``pg_dump
+--snapshot`` and counts every table's rows in that same snapshot while the dump runs; the counts
+in the manifest therefore describe exactly the data in the dump, which is what lets the restore
+drill compare for equality instead of "roughly".
+
+Publication order: dump into ``.dbops-tmp-<id>.dump`` (pg_dump fsyncs its output), hash, rename to
+``<id>.dump``, fsync the directory, then write the manifest. Until the manifest exists the dump is
+not a backup; a failed or interrupted run deletes its temporary files and records a manifest with
+``status: failed`` and no data, which nothing treats as a backup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from ops.backup.lock import RUN_LOCK, DirectoryLock
+from ops.backup.manifest import (
+    STATUS_FAILED,
+    STATUS_OK,
+    BackupDirectory,
+    Manifest,
+    checksum_dump,
+    dump_size,
+    format_time,
+    fsync_directory,
+    new_backup_id,
+    remove_path,
+    utc_now,
+)
+from ops.backup.pgtools import (
+    ClientTool,
+    ToolError,
+    backup_engine,
+    check_client_version,
+    find_tool,
+    first_error_line,
+    libpq_env,
+    quote_ident,
+)
+from ops.settings import BackupSettings, Settings
+
+log = logging.getLogger(__name__)
+
+DUMP_APPLICATION_NAME = "dbops-pg_dump"
+POLL_SECONDS = 0.2
+Progress = Callable[[int], None]  # bytes written so far
+
+# Tables whose data pg_dump writes: ordinary tables (partitions included, their parents hold no
+# rows of their own), not temporary ones, not members of extensions.
+TABLES_SQL = text(
+    r"""
+    SELECT n.nspname, c.relname
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp\_%'
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                        AND d.deptype = 'e')
+    ORDER BY 1, 2
+    """
+)
+
+
+class BackupError(Exception):
+    """The run failed; the message is meant for the operator."""
+
+
+class BackupCancelled(BackupError):
+    pass
+
+
+def compression_args(compression: str, tool: ClientTool) -> list[str]:
+    """``BACKUP_COMPRESSION`` as pg_dump options; methods other than gzip need pg_dump 16."""
+    if compression.isdigit():
+        return ["-Z", compression]
+    if tool.major >= 16:
+        return [f"--compress={compression}"]
+    method, _, level = compression.partition(":")
+    if method == "none":
+        return ["-Z", "0"]
+    if method == "gzip":
+        return ["-Z", level or "6"]
+    raise ToolError(f"BACKUP_COMPRESSION {compression} needs pg_dump 16 or newer ({tool.version})")
+
+
+def pg_dump_command(
+    tool: ClientTool, backup: BackupSettings, output: Path, snapshot: str | None
+) -> list[str]:
+    """The argv of the dump. It holds no connection details: those travel in the environment."""
+    command = [tool.path, f"--format={backup.format}", f"--file={output}"]
+    command += compression_args(backup.compression, tool)
+    if backup.format == "directory" and backup.jobs > 1:
+        command += [f"--jobs={backup.jobs}"]
+    if snapshot:
+        command += [f"--snapshot={snapshot}"]
+    return command
+
+
+def count_rows(connection: Connection, tables: list[tuple[str, str]]) -> dict[str, int]:
+    counts = {}
+    for schema, table in tables:
+        name = f"{quote_ident(schema)}.{quote_ident(table)}"
+        counts[f"{schema}.{table}"] = int(
+            connection.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()
+        )
+    return counts
+
+
+def run_backup(
+    settings: Settings,
+    *,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    after_success: Callable[[Manifest], None] | None = None,
+) -> Manifest:
+    """Take the directory lock, dump, publish; ``after_success`` runs still under the lock.
+
+    Raises :class:`ops.backup.lock.LockHeld` when another run holds the lock, and
+    :class:`BackupError` when the run failed (its failed manifest is written when possible).
+    """
+    directory = settings.backup.directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = DirectoryLock(directory, RUN_LOCK, "backup run")
+        lock.acquire()
+    except OSError as exc:
+        raise BackupError(f"backup directory {directory} is not usable: {exc.strerror}") from exc
+    try:
+        store = BackupDirectory(directory)
+        for name in store.remove_temporaries():
+            log.info("removed leftover of an interrupted run: %s", name)
+        manifest = _dump(settings, store, progress, cancel)
+        if after_success is not None:
+            after_success(manifest)
+        return manifest
+    finally:
+        lock.release()
+
+
+def _dump(
+    settings: Settings,
+    store: BackupDirectory,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> Manifest:
+    backup = settings.backup
+    started, clock = utc_now(), time.monotonic()
+    backup_id = new_backup_id(started)
+    final_name = f"{backup_id}.{'dump' if backup.format == 'custom' else 'dir'}"
+    temp = store.temp_path(final_name)
+    manifest = Manifest(
+        id=backup_id,
+        database=settings.db.database,
+        format=backup.format,
+        compression=backup.compression,
+        status=STATUS_FAILED,
+        started_at=format_time(started) or "",
+    )
+    engine = backup_engine(settings.db)
+    try:
+        tool = find_tool("pg_dump", backup.bindir)
+        manifest.pg_dump_version = tool.version
+        with engine.connect() as connection:
+            snapshot_holder = connection.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            with snapshot_holder.begin():
+                version_num, version = snapshot_holder.execute(
+                    text("SELECT current_setting('server_version_num')::int, version()")
+                ).one()
+                manifest.server_version = str(version)
+                check_client_version(tool, int(version_num))
+                snapshot = snapshot_holder.execute(text("SELECT pg_export_snapshot()")).scalar()
+                tables = [(str(s), str(t)) for s, t in snapshot_holder.execute(TABLES_SQL)]
+                command = pg_dump_command(tool, backup, temp, str(snapshot))
+                env = libpq_env(settings.db.url, DUMP_APPLICATION_NAME)
+                manifest.tables = _dump_while_counting(
+                    command, env, temp, snapshot_holder, tables, progress, cancel
+                )
+        # pg_dump has fsynced its output already (we never pass --no-sync).
+        manifest.files = checksum_dump(temp, backup.jobs, final_name)
+        manifest.size_bytes = dump_size(temp)
+        os.replace(temp, store.root / final_name)
+        fsync_directory(store.root)
+        manifest.path = final_name
+        manifest.status = STATUS_OK
+        _finish(manifest, clock)
+        store.write(manifest)
+        log.info(
+            "backup %s ok: %s, %.1f MB in %.2fs, %d tables",
+            backup_id,
+            final_name,
+            manifest.size_bytes / 1e6,
+            manifest.duration_seconds or 0.0,
+            len(manifest.tables),
+        )
+        return manifest
+    except BaseException as exc:
+        remove_path(temp)
+        if manifest.path:  # published, but the manifest could not be written
+            remove_path(store.root / manifest.path)
+            manifest.path = None
+        manifest.status = STATUS_FAILED
+        manifest.error = _describe(exc)
+        manifest.files, manifest.size_bytes = {}, 0
+        _finish(manifest, clock)
+        try:
+            store.write(manifest)
+        except OSError as write_error:
+            log.warning("could not record the failed run %s: %s", backup_id, write_error)
+        if isinstance(exc, BackupError):
+            raise
+        if isinstance(exc, Exception):
+            raise BackupError(manifest.error) from exc
+        raise
+    finally:
+        engine.dispose()
+
+
+def _dump_while_counting(
+    command: list[str],
+    env: dict[str, str],
+    output: Path,
+    snapshot_holder: Connection,
+    tables: list[tuple[str, str]],
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> dict[str, int]:
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        try:
+            counts = count_rows(snapshot_holder, tables)
+            while True:
+                try:
+                    process.wait(POLL_SECONDS)  # returns the moment pg_dump exits
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if cancel is not None and cancel.is_set():
+                    raise BackupCancelled("backup cancelled: the service is stopping")
+                if progress is not None and output.exists():
+                    progress(dump_size(output))
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if process.returncode != 0:
+            stderr.seek(0)
+            message = first_error_line(stderr.read().decode("utf-8", "replace"))
+            raise BackupError(f"pg_dump failed (exit {process.returncode}): {message}")
+    if progress is not None:
+        progress(dump_size(output))
+    return counts
+
+
+def _finish(manifest: Manifest, clock: float) -> None:
+    manifest.finished_at = format_time(utc_now())
+    manifest.duration_seconds = round(time.monotonic() - clock, 3)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BackupError | ToolError):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        original = getattr(exc, "orig", None) or exc
+        return f"database error: {str(original).strip().splitlines()[0]}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {exc}"

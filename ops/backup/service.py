@@ -1,0 +1,173 @@
+"""The sidecar's backup component: scheduled runs, retention after success, restore drills.
+
+Jobs run on the daemon's scheduler in UTC, one instance at a time, coalescing missed runs and
+accepting a run up to ``MISFIRE_GRACE`` late (a sidecar restarted at 03:20 still takes the 03:00
+backup). At start, a backup older than one schedule interval triggers a run at once, so a sidecar
+that was down over its slot does not wait another day. Every job catches its own failures: they
+become log lines and metrics, never a dead scheduler thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.triggers.cron import CronTrigger
+from prometheus_client import CollectorRegistry
+
+from ops.backup.lock import LockHeld
+from ops.backup.manifest import BackupDirectory, Manifest
+from ops.backup.metrics import BackupCollector, BackupCounters
+from ops.backup.prune import prune
+from ops.backup.runner import BackupCancelled, BackupError, run_backup
+from ops.backup.verify import VerifyError, drill, resolve
+from ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BACKUP_JOB, VERIFY_JOB = "dbops-backup", "dbops-backup-verify"
+MISFIRE_GRACE = 3600  # seconds a run may start late before it is skipped
+
+
+def schedule_interval(trigger: CronTrigger, now: datetime) -> timedelta:
+    """The gap between the schedule's next two runs after ``now``."""
+    first: datetime | None = trigger.get_next_fire_time(None, now)
+    assert first is not None
+    second: datetime | None = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
+    assert second is not None
+    return second - first
+
+
+def needs_catch_up(newest: datetime | None, interval: timedelta, now: datetime) -> bool:
+    return newest is None or now - newest > interval
+
+
+class BackupService:
+    name = "backup"
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.store = BackupDirectory(settings.backup.directory)
+        self.counters = BackupCounters(registry)
+        self._cancel = threading.Event()
+        self._running = 0
+        self._running_lock = threading.Lock()
+        self._scheduler: BaseScheduler | None = None
+        self._started = time.time()
+        registry.register(BackupCollector(settings, self.in_progress, self.next_run))
+
+    # -- Component protocol ---------------------------------------------------------------
+    def start(self, scheduler: BaseScheduler) -> None:
+        self._scheduler = scheduler
+        backup = self.settings.backup
+        trigger = CronTrigger.from_crontab(backup.schedule, timezone=UTC)
+        now = datetime.now(UTC)
+        newest = self.newest_backup()
+        extra: dict[str, Any] = {}
+        if needs_catch_up(newest.started if newest else None, schedule_interval(trigger, now), now):
+            log.info("newest good backup is older than the schedule interval: backing up now")
+            extra["next_run_time"] = now
+        scheduler.add_job(
+            self.backup_job,
+            trigger,
+            id=BACKUP_JOB,
+            name="backup",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=MISFIRE_GRACE,
+            replace_existing=True,
+            **extra,
+        )
+        scheduler.add_job(
+            self.verify_job,
+            CronTrigger.from_crontab(backup.verify_schedule, timezone=UTC),
+            id=VERIFY_JOB,
+            name="backup restore drill",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=MISFIRE_GRACE,
+            replace_existing=True,
+        )
+
+    def health_problems(self) -> list[str]:
+        max_age = self.settings.backup.max_age
+        newest = self.newest_backup()
+        now = time.time()
+        if newest is None:
+            if now - self._started > max_age:
+                return [f"backup: no good backup, BACKUP_MAX_AGE is {max_age:g}s"]
+            return []
+        finished = newest.finished or newest.started
+        age = now - finished.timestamp()
+        if age > max_age:
+            return [
+                f"backup: newest good backup {newest.id} is {age:.0f}s old "
+                f"(BACKUP_MAX_AGE {max_age:g}s)"
+            ]
+        return []
+
+    def stop(self) -> None:
+        """Ask a running dump to stop; it terminates pg_dump and removes its temporary files."""
+        self._cancel.set()
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def backup_job(self) -> None:
+        with self._running_lock:
+            self._running += 1
+        try:
+            run_backup(self.settings, cancel=self._cancel, after_success=self._retention)
+            self.counters.runs.labels("ok").inc()
+        except LockHeld as held:
+            self.counters.runs.labels("locked").inc()
+            log.warning("scheduled backup skipped: %s", held)
+        except BackupCancelled as cancelled:
+            self.counters.runs.labels("failed").inc()
+            log.warning("%s", cancelled)
+        except BackupError as error:
+            self.counters.runs.labels("failed").inc()
+            log.error("backup failed: %s", error)
+        except Exception:
+            self.counters.runs.labels("failed").inc()
+            log.exception("backup failed unexpectedly")
+        finally:
+            with self._running_lock:
+                self._running -= 1
+
+    def _retention(self, manifest: Manifest) -> None:
+        """Runs under the run lock right after a good backup; never fails the backup."""
+        try:
+            result = prune(self.settings, locked=True)
+            self.counters.pruned.inc(len(result.deleted))
+            if result.deleted:
+                log.info("retention deleted %d backup(s): %s", len(result.deleted), result.deleted)
+        except Exception:
+            log.exception("retention after backup %s failed", manifest.id)
+
+    def verify_job(self) -> None:
+        try:
+            verification = drill(self.settings, resolve(self.settings, None))
+            self.counters.verifications.labels("ok" if verification.ok else "failed").inc()
+        except (VerifyError, LockHeld) as problem:
+            self.counters.verifications.labels("failed").inc()
+            log.error("restore drill not run: %s", problem)
+        except Exception:
+            self.counters.verifications.labels("failed").inc()
+            log.exception("restore drill failed unexpectedly")
+
+    # -- state for metrics --------------------------------------------------------------------
+    def in_progress(self) -> int:
+        return self._running
+
+    def next_run(self) -> datetime | None:
+        if self._scheduler is None:
+            return None
+        job = self._scheduler.get_job(BACKUP_JOB)
+        return getattr(job, "next_run_time", None) if job is not None else None
+
+    def newest_backup(self) -> Manifest | None:
+        good = self.store.backups(self.settings.db.database)
+        return good[-1] if good else None

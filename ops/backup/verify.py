@@ -1,0 +1,214 @@
+"""Proving backups: the cheap check and the restore drill.
+
+The check re-hashes every file against the manifest and asks ``pg_restore --list`` to read the
+archive's table of contents: it catches bit rot, truncation and tampering in seconds. The drill
+restores the backup into a scratch database and compares every table's row count with the
+counts taken in the dump's own snapshot; since both describe the same snapshot, they must be
+equal, not close. The scratch database is dropped whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import time
+from dataclasses import asdict
+
+from sqlalchemy import text
+
+from ops.backup.lock import DirectoryLock, manifest_lock
+from ops.backup.manifest import (
+    BackupDirectory,
+    Manifest,
+    Verification,
+    checksum_dump,
+    format_time,
+    utc_now,
+)
+from ops.backup.pgtools import (
+    ToolError,
+    backup_engine,
+    find_tool,
+    first_error_line,
+    libpq_env,
+    quote_ident,
+)
+from ops.backup.runner import count_rows
+from ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHECKSUM, DRILL = "checksum", "drill"
+SCRATCH_PREFIX = "dbops_verify_"
+DRILL_LOCK = ".dbops-drill.lock"
+
+
+class VerifyError(Exception):
+    """The backup to verify does not exist or is not a good backup."""
+
+
+def scratch_database(backup_id: str) -> str:
+    return SCRATCH_PREFIX + re.sub(r"[^a-z0-9]", "_", backup_id.lower())
+
+
+def checksum_problems(store: BackupDirectory, manifest: Manifest) -> list[str]:
+    """Every file whose content differs from the manifest, or that is missing or extra."""
+    path = store.data_path(manifest)
+    if not path.exists():
+        return [f"{manifest.path} is missing"]
+    actual = checksum_dump(path)
+    problems = [
+        f"{name}: sha256 mismatch"
+        for name, digest in actual.items()
+        if name in manifest.files and manifest.files[name] != digest
+    ]
+    problems += [f"{name}: missing" for name in manifest.files if name not in actual]
+    problems += [f"{name}: not in the manifest" for name in actual if name not in manifest.files]
+    return problems
+
+
+def check(settings: Settings, manifest: Manifest) -> Verification:
+    """sha256 of every file, then ``pg_restore --list``; recorded in the manifest."""
+    store = BackupDirectory(settings.backup.directory)
+    started, clock = utc_now(), time.monotonic()
+    problems = checksum_problems(store, manifest)
+    if not problems:
+        try:
+            tool = find_tool("pg_restore", settings.backup.bindir)
+            listing = subprocess.run(
+                [tool.path, "--list", str(store.data_path(manifest))],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if listing.returncode != 0:
+                problems.append(f"pg_restore --list failed: {first_error_line(listing.stderr)}")
+        except ToolError as exc:
+            problems.append(str(exc))
+    verification = Verification(
+        kind=CHECKSUM,
+        ok=not problems,
+        at=format_time(started) or "",
+        duration_seconds=round(time.monotonic() - clock, 3),
+        detail="; ".join(problems) if problems else f"{len(manifest.files)} file(s) match",
+    )
+    record(store, manifest.id, verification)
+    return verification
+
+
+def drill(settings: Settings, manifest: Manifest) -> Verification:
+    """Restore into ``dbops_verify_<id>``, compare row counts, drop it; recorded in the manifest."""
+    store = BackupDirectory(settings.backup.directory)
+    # Two drills of one backup would share (and drop) one scratch database.
+    with DirectoryLock(store.root, DRILL_LOCK, "restore drill"):
+        started, clock = utc_now(), time.monotonic()
+        problems = checksum_problems(store, manifest)
+        detail = ""
+        if not problems:
+            try:
+                problems, detail = _restore_and_compare(settings, store, manifest)
+            except Exception as exc:  # the drill reports; it never crashes the scheduler
+                problems = [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"]
+    verification = Verification(
+        kind=DRILL,
+        ok=not problems,
+        at=format_time(started) or "",
+        duration_seconds=round(time.monotonic() - clock, 3),
+        detail="; ".join(problems[:10]) if problems else detail,
+    )
+    record(store, manifest.id, verification)
+    log.info(
+        "restore drill of %s %s in %.1fs: %s",
+        manifest.id,
+        "ok" if verification.ok else "FAILED",
+        verification.duration_seconds,
+        verification.detail,
+    )
+    return verification
+
+
+def _restore_and_compare(
+    settings: Settings, store: BackupDirectory, manifest: Manifest
+) -> tuple[list[str], str]:
+    tool = find_tool("pg_restore", settings.backup.bindir)
+    scratch = scratch_database(manifest.id)
+    admin = backup_engine(settings.db, application_name="dbops-verify")
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {quote_ident(scratch)} WITH (FORCE)"))
+            connection.execute(text(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE template0"))
+        try:
+            command = [
+                tool.path,
+                f"--dbname={scratch}",
+                "--no-owner",
+                "--no-privileges",
+                f"--jobs={max(1, settings.backup.jobs)}",
+                str(store.data_path(manifest)),
+            ]
+            env = libpq_env(settings.db.url.set(database=scratch), "dbops-verify")
+            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                return [f"pg_restore failed: {first_error_line(result.stderr)}"], ""
+            return _compare_counts(settings, scratch, manifest)
+        finally:
+            with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(
+                    text(f"DROP DATABASE IF EXISTS {quote_ident(scratch)} WITH (FORCE)")
+                )
+    finally:
+        admin.dispose()
+
+
+def _compare_counts(settings: Settings, scratch: str, manifest: Manifest) -> tuple[list[str], str]:
+    from ops.backup.runner import TABLES_SQL
+
+    engine = backup_engine(settings.db, database=scratch, application_name="dbops-verify")
+    try:
+        with engine.connect() as connection:
+            tables = [(str(s), str(t)) for s, t in connection.execute(TABLES_SQL)]
+            restored = count_rows(connection, tables)
+    finally:
+        engine.dispose()
+    problems = [
+        f"{name}: {restored.get(name, 'missing')} rows restored, {expected} at dump time"
+        for name, expected in manifest.tables.items()
+        if restored.get(name) != expected
+    ]
+    problems += [
+        f"{name}: not in the dump's table list" for name in restored if name not in manifest.tables
+    ]
+    rows = sum(restored.values())
+    return problems, f"{len(restored)} tables, {rows} rows match the dump-time counts"
+
+
+def record(store: BackupDirectory, backup_id: str, verification: Verification) -> None:
+    """Append to the manifest unless retention deleted the backup meanwhile."""
+    with manifest_lock(store.root, "backup verify"):
+        current = store.get(backup_id)
+        if current is None:
+            log.warning("backup %s vanished before its verification was recorded", backup_id)
+            return
+        current.verifications.append(verification)
+        store.write(current)
+
+
+def resolve(settings: Settings, backup_id: str | None) -> Manifest:
+    """The named good backup of this database, or its newest one."""
+    store = BackupDirectory(settings.backup.directory)
+    backups = store.backups(settings.db.database)
+    if backup_id is None:
+        if not backups:
+            raise VerifyError(f"no backups of {settings.db.database} in {store.root}")
+        return backups[-1]
+    manifest = store.get(backup_id)
+    if manifest is None or not manifest.path or not store.data_path(manifest).exists():
+        raise VerifyError(f"no backup {backup_id} in {store.root}")
+    if not manifest.ok:
+        raise VerifyError(f"{backup_id} is a failed run ({manifest.error}), not a backup")
+    return manifest
+
+
+def as_dict(manifest: Manifest, verification: Verification) -> dict[str, object]:
+    return {"id": manifest.id, **asdict(verification)}

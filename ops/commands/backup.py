@@ -1,0 +1,219 @@
+"""``ops backup run | list | verify [ID] | restore ID --target-db NAME | prune``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ops.settings import Settings, load_settings
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def register(commands: Any) -> None:
+    backup = commands.add_parser("backup", help="take, list, verify, restore and prune backups")
+    actions = backup.add_subparsers(dest="action", required=True)
+
+    run = actions.add_parser("run", help="take a backup now, then apply retention")
+    run.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    run.set_defaults(handler=run_backup)
+
+    listing = actions.add_parser("list", help="good backups of the configured database")
+    listing.add_argument("--json", action="store_true", help="print as JSON")
+    listing.add_argument("--all", action="store_true", help="include failed runs")
+    listing.set_defaults(handler=run_list)
+
+    verify = actions.add_parser("verify", help="check a backup (default: the newest)")
+    verify.add_argument("id", nargs="?", help="backup id (default: newest)")
+    verify.add_argument(
+        "--drill", action="store_true", help="restore into a scratch database and compare rows"
+    )
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(handler=run_verify)
+
+    restore = actions.add_parser("restore", help="restore a backup into a new database")
+    restore.add_argument("id", help="backup id")
+    restore.add_argument("--target-db", required=True, help="database to create and restore into")
+    restore.add_argument(
+        "--force", action="store_true", help="drop and recreate the target if it is not empty"
+    )
+    restore.add_argument("-j", "--jobs", type=int, default=None, help="parallel restore jobs")
+    restore.set_defaults(handler=run_restore)
+
+    prune = actions.add_parser("prune", help="apply the retention policy")
+    prune.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    prune.add_argument("--json", action="store_true", help="print as JSON")
+    prune.set_defaults(handler=run_prune)
+
+
+def _fail(message: str) -> int:
+    print(message, file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    from ops.backup.lock import LockHeld
+    from ops.backup.prune import prune
+    from ops.backup.runner import BackupError
+    from ops.backup.runner import run_backup as run
+
+    settings = load_settings()
+    tty = sys.stderr.isatty()
+    pruned: list[str] = []
+
+    def progress(size: int) -> None:
+        print(f"\rdumping {settings.db.database}: {_megabytes(size)}", end="", file=sys.stderr)
+
+    try:
+        manifest = run(
+            settings,
+            progress=progress if tty else None,
+            after_success=lambda _: pruned.extend(prune(settings, locked=True).deleted),
+        )
+    except LockHeld as held:
+        return _fail(f"backup not started: {held}")
+    except BackupError as error:
+        return _fail(f"{chr(10) if tty else ''}backup failed: {error}")
+    finally:
+        if tty:
+            print(file=sys.stderr)
+    if args.json:
+        print(json.dumps({"backup": _row(manifest), "pruned": pruned}, indent=2))
+    else:
+        print(
+            f"backup {manifest.id} ok: {_megabytes(manifest.size_bytes)} in "
+            f"{manifest.duration_seconds:.1f}s, {len(manifest.tables)} tables"
+        )
+        if pruned:
+            print(f"retention deleted: {', '.join(pruned)}")
+    return EXIT_OK
+
+
+def _verified(manifest: Any) -> str:
+    latest = manifest.last_verification()
+    if latest is None:
+        return "-"
+    return f"{latest.kind} {'ok' if latest.ok else 'FAILED'}"
+
+
+def _row(manifest: Any) -> dict[str, Any]:
+    return {
+        "id": manifest.id,
+        "database": manifest.database,
+        "started_at": manifest.started_at,
+        "finished_at": manifest.finished_at,
+        "size_bytes": manifest.size_bytes,
+        "duration_seconds": manifest.duration_seconds,
+        "format": manifest.format,
+        "status": manifest.status,
+        "verified": manifest.verified,
+        "last_verification": _verified(manifest),
+        "path": manifest.path,
+        "error": manifest.error,
+    }
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from ops.backup.manifest import BackupDirectory
+
+    settings = load_settings()
+    store = BackupDirectory(settings.backup.directory)
+    database = settings.db.database
+    if args.all:
+        shown = [m for m in store.manifests() if m.database == database]
+    else:
+        shown = store.backups(database)
+    if args.json:
+        print(json.dumps([_row(m) for m in shown], indent=2))
+        return EXIT_OK
+    header = (
+        f"{'ID':<24} {'STARTED (UTC)':<20} {'SIZE':>10} {'DURATION':>9}  {'VERIFIED':<15} STATUS"
+    )
+    print(header)
+    for m in shown:
+        print(
+            f"{m.id:<24} {m.started.strftime('%Y-%m-%d %H:%M:%S'):<20} "
+            f"{_megabytes(m.size_bytes):>10} {(m.duration_seconds or 0):>8.1f}s  "
+            f"{_verified(m):<15} {m.status}{' (' + (m.error or '') + ')' if not m.ok else ''}"
+        )
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from ops.backup.lock import LockHeld
+    from ops.backup.verify import VerifyError, check, drill, resolve
+
+    settings = load_settings()
+    try:
+        manifest = resolve(settings, args.id)
+        verification = drill(settings, manifest) if args.drill else check(settings, manifest)
+    except (VerifyError, LockHeld) as problem:
+        return _fail(f"verify failed: {problem}")
+    if args.json:
+        print(json.dumps({"id": manifest.id, **vars(verification)}, indent=2))
+    else:
+        state = "ok" if verification.ok else "FAILED"
+        print(f"{manifest.id} {verification.kind} {state}: {verification.detail}")
+    return EXIT_OK if verification.ok else EXIT_FAILED
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from ops.backup.pgtools import ToolError
+    from ops.backup.restore import RestoreError, restore_backup
+
+    settings: Settings = load_settings()
+    tty = sys.stderr.isatty()
+    last_shown = [-1]
+
+    def progress(done: int, total: int, item: str) -> None:
+        if tty:
+            print(f"\r\x1b[K[{done}/{total}] {item[:70]}", end="", file=sys.stderr)
+        elif total and done * 10 // total != last_shown[0]:
+            last_shown[0] = done * 10 // total
+            print(f"restore: {done}/{total} items", file=sys.stderr)
+
+    jobs = args.jobs if args.jobs is not None else settings.backup.jobs
+    if jobs < 1:
+        return _fail("-j must be at least 1")
+    try:
+        result = restore_backup(
+            settings, args.id, args.target_db, force=args.force, jobs=jobs, progress=progress
+        )
+    except (RestoreError, ToolError) as error:
+        return _fail(f"{chr(10) if tty else ''}restore failed: {error}")
+    finally:
+        if tty:
+            print(file=sys.stderr)
+    print(
+        f"restored {result.backup_id} into {result.target} in {result.duration_seconds:.1f}s "
+        f"({result.items} archive items{', target replaced' if result.replaced else ''})"
+    )
+    return EXIT_OK
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from ops.backup.lock import LockHeld
+    from ops.backup.prune import prune
+
+    settings = load_settings()
+    try:
+        result = prune(settings, dry_run=args.dry_run)
+    except LockHeld as held:
+        return _fail(f"prune not started: {held}")
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    for doomed in result.plan.delete:
+        print(f"{verb} {doomed.id} ({doomed.utc:%Y-%m-%d %H:%M:%S} UTC)")
+    for backup_id, reasons in result.plan.keep.items():
+        print(f"keep {backup_id}: {'; '.join(reasons)}")
+    if not result.plan.delete:
+        print("nothing to delete")
+    return EXIT_OK
