@@ -1,0 +1,86 @@
+"""App-side metrics without a database: naming, classification, idempotence, exposition."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from db.metrics import (
+    QUERY_BUCKETS,
+    Histogram,
+    classify,
+    instrument,
+    pool_name_of,
+)
+
+URL = "postgresql+psycopg2://u@127.0.0.1:1/x"
+
+
+def test_classify_uses_first_keyword_case_insensitively() -> None:
+    assert classify("SELECT 1") == "select"
+    assert classify("\n  insert into t values (1)") == "insert"
+    assert classify("(select 1) union (select 2)") == "select"
+    assert classify("UPDATE t SET a = 1") == "update"
+    assert classify("delete from t") == "delete"
+    assert classify("WITH x AS (SELECT 1) SELECT * FROM x") == "other"
+    assert classify("BEGIN") == "other"
+    assert classify("   ") == "other"
+
+
+def test_histogram_counts_values_into_first_bucket_that_holds_them() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        histogram.observe(value)
+    counts, total = histogram.snapshot()
+    assert counts == [2, 1, 1]
+    assert abs(total - 3.65) < 1e-9
+
+
+def test_query_buckets_resolve_the_100ms_target() -> None:
+    assert 0.1 in QUERY_BUCKETS
+    assert QUERY_BUCKETS[0] <= 0.001 and QUERY_BUCKETS[-1] >= 10
+
+
+def test_pool_name_comes_from_connect_args_application_name() -> None:
+    engine = create_engine(URL, connect_args={"application_name": "billing"})
+    assert pool_name_of(engine) == "billing"
+    engine = create_engine(URL + "?application_name=from-url")
+    assert pool_name_of(engine) == "from-url"
+    assert pool_name_of(create_engine(URL)) == "sqlalchemy"
+
+
+def test_instrument_twice_is_harmless_and_exports_one_series_per_pool() -> None:
+    registry = CollectorRegistry()
+    engine = create_engine(
+        URL, connect_args={"application_name": "svc"}, pool_size=3, max_overflow=4
+    )
+    first = instrument(engine, registry)
+    assert instrument(engine, registry) is first
+    text = generate_latest(registry).decode()
+    assert text.count('dbops_pool_size{pool="svc"} 3.0') == 1
+    assert 'dbops_pool_max_overflow{pool="svc"} 4.0' in text
+    assert 'dbops_pool_waiting{pool="svc"} 0.0' in text
+    assert 'dbops_pool_timeouts_total{pool="svc"} 0.0' in text
+    assert 'dbops_query_duration_seconds_bucket{le="0.1",operation="select",pool="svc"}' in text
+    assert 'dbops_query_errors_total{operation="update",pool="svc"} 0.0' in text
+    engine.dispose()
+
+
+def test_instrumented_pool_survives_dispose() -> None:
+    registry = CollectorRegistry()
+    engine = create_engine(URL, connect_args={"application_name": "d"}, pool_size=2)
+    instrument(engine, registry)
+    engine.dispose()
+    assert type(engine.pool).__name__ == "InstrumentedQueuePool"
+    assert hasattr(engine.pool._pool, "waiting")  # type: ignore[attr-defined]
+    assert 'dbops_pool_size{pool="d"} 2.0' in generate_latest(registry).decode()
+
+
+def test_engines_without_a_queue_pool_still_export_query_metrics() -> None:
+    registry = CollectorRegistry()
+    engine = create_engine(URL, poolclass=NullPool, connect_args={"application_name": "n"})
+    instrument(engine, registry)
+    text = generate_latest(registry).decode()
+    assert 'dbops_pool_size{pool="n"}' not in text
+    assert 'dbops_pool_connects_total{pool="n"} 0.0' in text
