@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
 from db.seed.settings import SeedSettings, read_seed_settings
-from db.settings import REDACTED, DbSettings, EnvReader, read_db_settings
+from db.settings import (
+    REDACTED,
+    DbSettings,
+    EnvReader,
+    read_db_settings,
+    redact_url_text,
+)
 
 BACKUP_FORMATS = ("custom", "directory")
 LOG_FORMATS = ("text", "json")
@@ -69,6 +78,9 @@ class SidecarSettings:
     collector_ttl: float = 60.0
     top_n: int = 20
     pool_size: int = 2
+    application_name: str = "dbops-sidecar"
+    # MONITOR_DATABASE_URL: the exporter's own login (a pg_monitor role); None = the db settings
+    monitor_url: URL | None = field(default=None, metadata={"secret": True})
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,36 @@ def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
         collector_ttl=reader.duration("OPS_COLLECTOR_TTL", 60.0, minimum=1),
         top_n=reader.integer("OPS_TOP_N", 20, minimum=1, maximum=500),
         pool_size=reader.integer("OPS_POOL_SIZE", 2, minimum=1, maximum=20),
+        application_name=_read_application_name(reader),
+        monitor_url=_read_monitor_url(reader),
     )
+
+
+def _read_application_name(reader: EnvReader) -> str:
+    name = reader.string("OPS_APPLICATION_NAME", SidecarSettings.application_name)
+    if len(name) > 50 or not name.isprintable():
+        reader.problem("OPS_APPLICATION_NAME", name, "must be printable, <= 50 chars")
+    return name
+
+
+def _read_monitor_url(reader: EnvReader) -> URL | None:
+    """``MONITOR_DATABASE_URL`` (or ``_FILE``), checked like ``DATABASE_URL``."""
+    text = reader.secret("MONITOR_DATABASE_URL")
+    if text is None:
+        return None
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        reader.problem("MONITOR_DATABASE_URL", redact_url_text(text), "not a database URL")
+        return None
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        reader.problem("MONITOR_DATABASE_URL", shown, "must be a postgresql:// URL")
+        return None
+    if not url.database:
+        reader.problem("MONITOR_DATABASE_URL", shown, "names no database")
+        return None
+    return url.set(drivername="postgresql+psycopg2")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
