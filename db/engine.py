@@ -77,7 +77,7 @@ def _on_checkout(
     pid = os.getpid()
     if record.info.get("pid") != pid:
         # Inherited across fork: the socket belongs to the parent. Drop it without closing it.
-        record.dbapi_connection = proxy.dbapi_connection = None
+        record.dbapi_connection = proxy.dbapi_connection = None  # type: ignore[misc]
         raise exc.DisconnectionError(
             f"connection opened in pid {record.info.get('pid')}, checked out in pid {pid}"
         )

@@ -8,6 +8,7 @@ finds the schema at head and does nothing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # pg_advisory_lock key: the bytes of "dbops-mg" as a signed 64-bit integer
 MIGRATION_LOCK_KEY = int.from_bytes(b"dbops-mg", "big", signed=True)
+
+# Databases whose migration lock this thread already holds. ``ops db init`` holds the lock for
+# the whole of upgrade + roles + seed; the upgrade inside must not wait for its own caller.
+_held = threading.local()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -46,9 +51,22 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def _lock_target(engine: Engine) -> tuple[str | None, int | None, str | None]:
+    url = engine.url
+    return (url.host, url.port, url.database)
+
+
 @contextmanager
 def migration_lock(engine: Engine, timeout: float = 300.0) -> Iterator[None]:
-    """Hold the migration advisory lock on a dedicated connection for the block's duration."""
+    """Hold the migration advisory lock on a dedicated connection for the block's duration.
+
+    Re-entrant within a thread: a nested block for the same database runs under the outer lock.
+    """
+    held: set[tuple[str | None, int | None, str | None]] = _held.__dict__.setdefault("db", set())
+    target = _lock_target(engine)
+    if target in held:
+        yield
+        return
     started = time.monotonic()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock_connection:
         while not lock_connection.execute(
@@ -61,9 +79,11 @@ def migration_lock(engine: Engine, timeout: float = 300.0) -> Iterator[None]:
             if time.monotonic() - started < 0.3:
                 log.info("waiting for another process to finish migrating")
             time.sleep(0.2)
+        held.add(target)
         try:
             yield
         finally:
+            held.discard(target)
             lock_connection.execute(
                 text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}
             )
