@@ -1,0 +1,223 @@
+"""Backups against a real PostgreSQL: run, list, verify, drill, restore, retention, via the CLI
+where exit codes and messages are the behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+
+from ops.backup.manifest import BackupDirectory
+from ops.backup.prune import prune
+from ops.backup.runner import run_backup
+from ops.backup.verify import SCRATCH_PREFIX, drill
+from tests.conftest import Server
+from tests.integration.backup_helpers import data_only_dump, ops, populate, settings_for
+
+
+@pytest.fixture
+def source(migrated_db: URL) -> URL:
+    populate(migrated_db)
+    return migrated_db
+
+
+def test_backup_run_writes_dump_and_manifest_with_snapshot_row_counts(
+    source: URL, tmp_path: Path
+) -> None:
+    done = ops(source, tmp_path, "backup", "run", "--json")
+    assert done.returncode == 0, done.stderr
+    backup = json.loads(done.stdout)["backup"]
+    manifest = BackupDirectory(tmp_path).get(backup["id"])
+    assert manifest is not None and manifest.ok
+    assert manifest.tables["public.payload"] == 2000
+    assert manifest.tables["Odd Schema.Mixed Case"] == 50
+    assert manifest.tables["public.alembic_version"] == 1
+    assert list(manifest.files) == [f"{manifest.id}.dump"]
+    assert manifest.size_bytes == (tmp_path / f"{manifest.id}.dump").stat().st_size
+    assert manifest.server_version and manifest.server_version.startswith("PostgreSQL ")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".dbops-")) == [
+        f"{manifest.id}.dump",
+        f"{manifest.id}.json",
+    ]
+    listed = json.loads(ops(source, tmp_path, "backup", "list", "--json").stdout)
+    assert [(b["id"], b["status"], b["size_bytes"]) for b in listed] == [
+        (manifest.id, "ok", manifest.size_bytes)
+    ]
+
+
+def test_restore_into_a_fresh_database_reproduces_the_data_exactly(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    assert ops(source, tmp_path, "backup", "run").returncode == 0
+    backup_id = BackupDirectory(tmp_path).backups(str(source.database))[-1].id
+    target = f"{source.database}_restored"
+    try:
+        done = ops(
+            source, tmp_path, "backup", "restore", backup_id, "--target-db", target, "-j", "2"
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"restored {backup_id} into {target}" in done.stdout
+        assert data_only_dump(pg.url(target)) == data_only_dump(source)
+    finally:
+        pg.drop_database(target)
+
+
+def test_restore_refuses_a_non_empty_target_unless_forced(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    assert ops(source, tmp_path, "backup", "run").returncode == 0
+    backup_id = BackupDirectory(tmp_path).backups(str(source.database))[-1].id
+    target = pg.create_database()
+    try:
+        pg.execute("CREATE TABLE precious (x int); INSERT INTO precious VALUES (1)", target)
+        refused = ops(source, tmp_path, "backup", "restore", backup_id, "--target-db", target)
+        assert refused.returncode == 1
+        assert "is not empty" in refused.stderr and "--force" in refused.stderr
+        engine = create_engine(pg.url(target))
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM precious")).scalar() == 1
+        engine.dispose()
+        forced = ops(
+            source, tmp_path, "backup", "restore", backup_id, "--target-db", target, "--force"
+        )
+        assert forced.returncode == 0, forced.stderr
+        assert data_only_dump(pg.url(target)) == data_only_dump(source)
+    finally:
+        pg.drop_database(target)
+
+
+def test_tampered_backup_fails_verify_and_restore(pg: Server, source: URL, tmp_path: Path) -> None:
+    assert ops(source, tmp_path, "backup", "run").returncode == 0
+    manifest = BackupDirectory(tmp_path).backups(str(source.database))[-1]
+    checked = ops(source, tmp_path, "backup", "verify", manifest.id)
+    assert checked.returncode == 0, checked.stderr
+    dump = tmp_path / f"{manifest.id}.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dump.write_bytes(bytes(data))
+    tampered = ops(source, tmp_path, "backup", "verify", manifest.id, "--json")
+    assert tampered.returncode == 1
+    assert "sha256 mismatch" in json.loads(tampered.stdout)["detail"]
+    target = f"{source.database}_tampered"
+    refused = ops(source, tmp_path, "backup", "restore", manifest.id, "--target-db", target)
+    assert refused.returncode == 1 and "damaged" in refused.stderr
+    recorded = BackupDirectory(tmp_path).get(manifest.id)
+    assert recorded is not None and not recorded.verified
+    assert [v.ok for v in recorded.verifications] == [True, False]
+
+
+def test_restore_drill_matches_dump_time_counts_and_drops_its_scratch_database(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    settings = settings_for(source, tmp_path)
+    manifest = run_backup(settings)
+    # Rows written after the snapshot are not in the dump; the drill must not care.
+    pg.execute(
+        "INSERT INTO payload (label) SELECT 'later' FROM generate_series(1, 10)",
+        str(source.database),
+    )
+    verification = drill(settings, manifest)
+    assert verification.ok, verification.detail
+    assert "rows match the dump-time counts" in verification.detail
+    # A manifest that disagrees with the archive must make the drill fail.
+    store = BackupDirectory(tmp_path)
+    wrong = store.get(manifest.id)
+    assert wrong is not None
+    wrong.tables["public.payload"] += 1
+    store.write(wrong)
+    failed = drill(settings, wrong)
+    assert not failed.ok
+    assert "public.payload: 2000 rows restored, 2001 at dump time" in failed.detail
+    engine = create_engine(pg.admin_url)
+    with engine.connect() as connection:
+        leftovers = connection.execute(
+            text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+            {"p": SCRATCH_PREFIX + "%"},
+        ).all()
+    engine.dispose()
+    assert leftovers == []
+    recorded = store.get(manifest.id)
+    assert recorded is not None
+    assert [(v.kind, v.ok) for v in recorded.verifications] == [("drill", True), ("drill", False)]
+
+
+def test_directory_format_with_parallel_jobs_round_trips(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    settings = settings_for(source, tmp_path, BACKUP_FORMAT="directory", BACKUP_JOBS="2")
+    manifest = run_backup(settings)
+    assert manifest.path == f"{manifest.id}.dir"
+    assert "toc.dat" in manifest.files and len(manifest.files) > 3
+    assert drill(settings, manifest).ok
+
+
+def test_retention_deletes_only_our_backups_and_keeps_newest_verified(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    other = pg.create_database()
+    try:
+        foreign = [tmp_path / "notes.txt", tmp_path / "manual.dump", tmp_path / "x.json"]
+        for path in foreign:
+            path.write_text("not ours")
+        other_backup = run_backup(settings_for(pg.url(other), tmp_path))
+        settings = settings_for(
+            source,
+            tmp_path,
+            BACKUP_KEEP_LAST="1",
+            BACKUP_KEEP_DAILY="0",
+            BACKUP_KEEP_WEEKLY="0",
+            BACKUP_KEEP_MONTHLY="0",
+        )
+        verified = run_backup(settings)
+        assert drill(settings, verified).ok
+        middle = run_backup(settings)
+        newest = run_backup(settings)
+
+        dry = ops(source, tmp_path, "backup", "prune", "--dry-run", **_keep_one())
+        assert dry.returncode == 0, dry.stderr
+        assert f"would delete {middle.id}" in dry.stdout
+        assert f"keep {verified.id}: newest verified backup" in dry.stdout
+        assert (tmp_path / f"{middle.id}.dump").exists()
+
+        result = prune(settings)
+        assert result.deleted == [middle.id]
+        remaining = [m.id for m in BackupDirectory(tmp_path).backups(str(source.database))]
+        assert remaining == [verified.id, newest.id]
+        assert not (tmp_path / f"{middle.id}.dump").exists()
+        assert not (tmp_path / f"{middle.id}.json").exists()
+        assert all(path.read_text() == "not ours" for path in foreign)
+        assert (tmp_path / f"{other_backup.id}.dump").exists()
+    finally:
+        pg.drop_database(other)
+
+
+def _keep_one() -> dict[str, str]:
+    return {
+        "BACKUP_KEEP_LAST": "1",
+        "BACKUP_KEEP_DAILY": "0",
+        "BACKUP_KEEP_WEEKLY": "0",
+        "BACKUP_KEEP_MONTHLY": "0",
+    }
+
+
+def test_pg_dump_older_than_the_server_is_refused_naming_both(source: URL, tmp_path: Path) -> None:
+    bindir = tmp_path / "oldbin"
+    bindir.mkdir()
+    fake = bindir / "pg_dump"
+    fake.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 12.22'\n")
+    fake.chmod(0o755)
+    backups = tmp_path / "backups"
+    done = ops(source, backups, "backup", "run", PG_BINDIR=str(bindir))
+    assert done.returncode == 1
+    assert "pg_dump 12" in done.stderr and "server" in done.stderr and "PostgreSQL 1" in done.stderr
+    assert BackupDirectory(backups).backups(str(source.database)) == []
+
+
+def test_invalid_backup_schedule_exits_2_before_connecting(tmp_path: Path, source: URL) -> None:
+    done = ops(source, tmp_path, "backup", "run", BACKUP_SCHEDULE="61 * * * *")
+    assert done.returncode == 2
+    assert "BACKUP_SCHEDULE" in done.stderr
+    assert list(tmp_path.iterdir()) == []
