@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "ops.commands.config",
     "ops.commands.db",
     "ops.commands.backup",
+    "ops.commands.workload",
 )
 
 log = logging.getLogger("ops")
