@@ -38,3 +38,40 @@ fmt: $(STAMP)
 # Benchmarks print ratios against a baseline measured in the same run; they assert no time.
 bench: $(STAMP)
 	$(BIN)/pytest -s tests/benchmarks
+
+# --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
+# make up | down | ps | logs [SERVICE=ops] | backup | restore ID=... [TARGET_DB=name] [FORCE=1]
+# make psql | demo (WORKLOAD_MODE=saturate for pool saturation) | e2e
+STACK := $(PYTHON) docker/stack.py
+
+.PHONY: up down ps logs backup restore psql demo
+
+up:
+	@$(STACK) up
+
+down:
+	@$(STACK) down
+
+ps:
+	@$(STACK) ps
+
+logs:
+	@$(STACK) logs --follow $(SERVICE)
+
+backup:
+	@$(STACK) backup
+
+restore:
+	@test -n "$(ID)" || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1]" >&2; exit 2; }
+	@$(STACK) restore '$(ID)' $(if $(TARGET_DB),--target-db '$(TARGET_DB)') $(if $(FORCE),--force)
+
+psql:
+	@$(STACK) psql
+
+demo:
+	@$(STACK) demo
+
+# End to end on real containers: builds the image, runs the stack under its own project name and
+# ports, and removes it afterwards. Needs a Docker engine; bounded to 15 minutes.
+e2e: $(STAMP)
+	DBOPS_E2E=1 $(BIN)/pytest -p no:cacheprovider tests/e2e
