@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "ops.commands.db",
     "ops.commands.backup",
     "ops.commands.workload",
+    "ops.commands.serve",
 )
 
 log = logging.getLogger("ops")

@@ -1,0 +1,1 @@
+"""Server-side collectors of the sidecar: a module per family, run by the exporter."""

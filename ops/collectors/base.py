@@ -1,0 +1,55 @@
+"""What every server-side collector shares: its shape, its query helper, top-N capping.
+
+A collector runs a few catalog or statistics queries on a connection it is handed and returns
+metric families. It never opens connections, never sets timeouts and never catches errors: the
+exporter does that once for all of them, so a collector stays a few lines of SQL and arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client.core import Metric
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Row
+
+OTHER = "(other)"  # label value of the one series that sums everything past the top N
+
+
+@dataclass(frozen=True)
+class Options:
+    """What collectors may vary by: how many series to keep before folding into a remainder."""
+
+    top_n: int = 20
+
+
+class Collector(Protocol):
+    """One family of server metrics.
+
+    ``cached`` collectors are expensive (they grow with the number of relations or statements):
+    a scheduler job refreshes them every ``OPS_COLLECTOR_TTL`` and scrapes serve the result.
+    """
+
+    name: str
+    cached: bool
+
+    def collect(self, connection: Connection, options: Options) -> list[Metric]: ...
+
+
+def rows(connection: Connection, sql: str, **params: Any) -> Sequence[Row[Any]]:
+    return connection.execute(text(sql), params).all()
+
+
+def fold_top(
+    items: Iterable[tuple[tuple[str, ...], float]], top_n: int
+) -> list[tuple[tuple[str, ...], float]]:
+    """The ``top_n`` largest items, then one ``(other)`` item summing the rest (if any)."""
+    ranked = sorted(items, key=lambda item: (-item[1], item[0]))
+    kept = ranked[:top_n]
+    rest = ranked[top_n:]
+    if rest:
+        width = len(rest[0][0])
+        kept.append(((OTHER,) * width, sum(value for _, value in rest)))
+    return kept

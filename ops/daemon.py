@@ -1,0 +1,225 @@
+"""The sidecar process: one scheduler, its components, the HTTP endpoints, a clean shutdown.
+
+Shaped like Patroni's daemon: signal handlers only set a flag, the main loop notices it, and
+shutdown runs in ``finally`` with each part stopped in its own ``try`` so one failure cannot
+leave the others running. Components (the exporter, backups) add jobs to the one
+``BackgroundScheduler`` and report health problems; jobs are wrapped by their owners so a
+failing job becomes a metric and a log line, never a dead loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any, Protocol
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+from sqlalchemy import exc
+from sqlalchemy.engine import Engine
+
+from db.engine import create_engine
+from db.metrics import instrument
+from ops.http import AlertReceiver, HttpServer, SidecarApp
+from ops.settings import Settings
+
+log = logging.getLogger("ops.daemon")
+
+HEARTBEAT_SECONDS = 5.0
+LOOP_SECONDS = 0.5
+
+
+class Component(Protocol):
+    name: str
+
+    def start(self, scheduler: BackgroundScheduler) -> None: ...  # add jobs; must not block
+    def health_problems(self) -> list[str]: ...  # non-empty => /healthz 503
+    def stop(self) -> None: ...
+
+
+def build_components(settings: Settings, registry: CollectorRegistry) -> list[Component]:
+    """Everything the sidecar runs besides its own loop and endpoints."""
+    from ops.collectors.exporter import ExporterService
+
+    return [ExporterService(settings, registry)]
+
+
+class Readiness:
+    """``/readyz``: the database answers (with the normal login) and the schema is at head."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        from db.migrate import head_revision
+
+        sidecar = settings.sidecar
+        timeout_ms = max(1, int(sidecar.query_timeout * 1000))
+        lock_ms = max(1, int(sidecar.lock_timeout * 1000))
+        self.head = head_revision()
+        self.engine: Engine = create_engine(
+            settings.db,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=sidecar.query_timeout,
+            pool_pre_ping=False,
+            isolation_level="AUTOCOMMIT",
+            connect_args={
+                "application_name": f"{sidecar.application_name}-ready",
+                "connect_timeout": max(2, int(sidecar.query_timeout + 0.999)),
+                "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={lock_ms}",
+            },
+        )
+        instrument(self.engine, registry)
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        for attempt in (1, 2):
+            try:
+                with self.engine.connect() as connection:
+                    present = connection.exec_driver_sql(
+                        "SELECT to_regclass('alembic_version') IS NOT NULL"
+                    ).scalar_one()
+                    current = (
+                        connection.exec_driver_sql(
+                            "SELECT version_num FROM alembic_version"
+                        ).scalar()
+                        if present
+                        else None
+                    )
+                break
+            except exc.DBAPIError as error:
+                if attempt == 1 and error.connection_invalidated:
+                    continue  # the server restarted since the last probe: retry on a new one
+                return False, {
+                    "ready": False,
+                    "problems": [f"database unreachable: {_line(error)}"],
+                }
+            except exc.SQLAlchemyError as error:
+                return False, {
+                    "ready": False,
+                    "problems": [f"database unreachable: {_line(error)}"],
+                }
+        if current != self.head:
+            problem = f"schema at {current or 'no revision'}, head is {self.head}"
+            return False, {"ready": False, "problems": [problem], "revision": current}
+        return True, {"ready": True, "revision": current}
+
+    def stop(self) -> None:
+        self.engine.dispose()
+
+
+def _line(error: BaseException) -> str:
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class Daemon:
+    """Runs until SIGTERM or SIGINT; :meth:`run` returns the process exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        components: list[Component] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.alerts = AlertReceiver()
+        self.registry.register(self.alerts)
+        self.readiness = Readiness(settings, self.registry)
+        self.components = (
+            components if components is not None else build_components(settings, self.registry)
+        )
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(8)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60},
+        )
+        self._stop = threading.Event()
+        self._signal: str | None = None
+        self._loop_beat = time.monotonic()
+        self._scheduler_beat = time.monotonic()
+        self.http: HttpServer | None = None
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        problems: list[str] = []
+        now = time.monotonic()
+        if now - self._loop_beat > 10 * LOOP_SECONDS + 5:
+            problems.append(f"main loop stalled for {now - self._loop_beat:.0f}s")
+        if not self.scheduler.running:
+            problems.append("scheduler is not running")
+        elif now - self._scheduler_beat > 3 * HEARTBEAT_SECONDS + 5:
+            problems.append(f"scheduler ran no job for {now - self._scheduler_beat:.0f}s")
+        for component in self.components:
+            try:
+                problems.extend(component.health_problems())
+            except Exception as error:
+                problems.append(f"{component.name}: health check failed: {error}")
+        return not problems, {"healthy": not problems, "problems": problems}
+
+    def _heartbeat(self) -> None:
+        self._scheduler_beat = time.monotonic()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        """Signal handler: only sets the flag the main loop waits on."""
+        self._signal = signal.Signals(signum).name if signum else "request"
+        self._stop.set()
+
+    def run(self) -> int:
+        sidecar = self.settings.sidecar
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            try:
+                app = SidecarApp(self.registry, self.health, self.readiness.check, self.alerts)
+                self.http = HttpServer(sidecar.listen_host, sidecar.listen_port, app)
+            except OSError as error:
+                log.error(
+                    "cannot listen on %s:%s: %s", sidecar.listen_host, sidecar.listen_port, error
+                )
+                return 1
+            self.scheduler.start()
+            self.scheduler.add_job(
+                self._heartbeat,
+                "interval",
+                seconds=HEARTBEAT_SECONDS,
+                id="heartbeat",
+                next_run_time=datetime.now(UTC),
+            )
+            for component in self.components:
+                component.start(self.scheduler)
+            self.http.start()
+            log.info(
+                "serving /metrics /healthz /readyz /alerts on %s:%d (%s)",
+                sidecar.listen_host,
+                self.http.port,
+                ", ".join(component.name for component in self.components),
+            )
+            while not self._stop.wait(LOOP_SECONDS):
+                self._loop_beat = time.monotonic()
+            log.info("stopping on %s", self._signal)
+            return 0
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        steps: list[tuple[str, Any]] = []
+        if self.http is not None:
+            steps.append(("http server", self.http.shutdown))
+        if self.scheduler.running:
+            steps.append(("scheduler", lambda: self.scheduler.shutdown(wait=False)))
+        steps += [(component.name, component.stop) for component in self.components]
+        steps.append(("readiness engine", self.readiness.stop))
+        for name, stop in steps:
+            try:
+                stop()
+            except Exception as error:
+                log.error("stopping %s failed: %s", name, error)
+        log.info("stopped")
