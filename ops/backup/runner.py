@@ -240,20 +240,28 @@ def _dump_while_counting(
     progress: Progress | None,
     cancel: threading.Event | None,
 ) -> dict[str, int]:
+    """Run pg_dump while a thread counts rows in the snapshot; the calling thread stays free to
+    notice cancellation, Ctrl-C or a dead pg_dump, and to stop both sides."""
+    counted: list[dict[str, int]] = []
+    count_error: list[BaseException] = []
+
+    def count() -> None:
+        try:
+            counted.append(count_rows(snapshot_holder, tables))
+        except BaseException as exc:
+            count_error.append(exc)
+
+    counter = threading.Thread(target=count, name="dbops-backup-count", daemon=True)
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        counter.start()
         try:
-            counts = count_rows(snapshot_holder, tables)
-            while True:
-                try:
-                    process.wait(POLL_SECONDS)  # returns the moment pg_dump exits
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if cancel is not None and cancel.is_set():
-                    raise BackupCancelled("backup cancelled: the service is stopping")
-                if progress is not None and output.exists():
-                    progress(dump_size(output))
+            _wait(process, output, progress, cancel)
+            if process.returncode == 0:
+                while counter.is_alive():
+                    counter.join(POLL_SECONDS)
+                    if cancel is not None and cancel.is_set():
+                        raise BackupCancelled("backup cancelled: the service is stopping")
         finally:
             if process.poll() is None:
                 process.terminate()
@@ -262,13 +270,46 @@ def _dump_while_counting(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            if counter.is_alive():
+                _cancel_query(snapshot_holder)
+                counter.join(30)
         if process.returncode != 0:
             stderr.seek(0)
             message = first_error_line(stderr.read().decode("utf-8", "replace"))
             raise BackupError(f"pg_dump failed (exit {process.returncode}): {message}")
+    if count_error:
+        raise count_error[0]
     if progress is not None:
         progress(dump_size(output))
-    return counts
+    return counted[0]
+
+
+def _wait(
+    process: subprocess.Popen[bytes],
+    output: Path,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> None:
+    while True:
+        try:
+            process.wait(POLL_SECONDS)  # returns the moment pg_dump exits
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if cancel is not None and cancel.is_set():
+            raise BackupCancelled("backup cancelled: the service is stopping")
+        if progress is not None and output.exists():
+            progress(dump_size(output))
+
+
+def _cancel_query(connection: Connection) -> None:
+    """Interrupt the row count running on ``connection`` from another thread."""
+    try:
+        dbapi = connection.connection.dbapi_connection
+        if dbapi is not None:
+            dbapi.cancel()
+    except Exception as exc:  # the connection may be gone already; nothing left to cancel
+        log.debug("could not cancel the row count: %s", exc)
 
 
 def _finish(manifest: Manifest, clock: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -66,6 +67,7 @@ def run_backup(args: argparse.Namespace) -> int:
     settings = load_settings()
     tty = sys.stderr.isatty()
     pruned: list[str] = []
+    _interrupt_on_sigterm()
 
     def progress(size: int) -> None:
         print(f"\rdumping {settings.db.database}: {_megabytes(size)}", end="", file=sys.stderr)
@@ -93,6 +95,15 @@ def run_backup(args: argparse.Namespace) -> int:
         if pruned:
             print(f"retention deleted: {', '.join(pruned)}")
     return EXIT_OK
+
+
+def _interrupt_on_sigterm() -> None:
+    """``docker stop`` sends SIGTERM: unwind like Ctrl-C so the run removes its temporaries."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _verified(manifest: Any) -> str:
