@@ -44,9 +44,10 @@ class Component(Protocol):
 
 def build_components(settings: Settings, registry: CollectorRegistry) -> list[Component]:
     """Everything the sidecar runs besides its own loop and endpoints."""
+    from ops.backup.service import BackupService
     from ops.collectors.exporter import ExporterService
 
-    return [ExporterService(settings, registry)]
+    return [ExporterService(settings, registry), BackupService(settings, registry)]
 
 
 class Readiness:

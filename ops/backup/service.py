@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BACKUP_JOB, VERIFY_JOB = "dbops-backup", "dbops-backup-verify"
 MISFIRE_GRACE = 3600  # seconds a run may start late before it is skipped
+STOP_WAIT = 20.0  # seconds shutdown waits for a cancelled dump to clean up
 
 
 def schedule_interval(trigger: CronTrigger, now: datetime) -> timedelta:
@@ -111,8 +112,11 @@ class BackupService:
         return []
 
     def stop(self) -> None:
-        """Ask a running dump to stop; it terminates pg_dump and removes its temporary files."""
+        """Stop a running dump (pg_dump terminated, temporaries removed) and wait for that."""
         self._cancel.set()
+        deadline = time.monotonic() + STOP_WAIT
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     # -- jobs ---------------------------------------------------------------------------------
     def backup_job(self) -> None:
