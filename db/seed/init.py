@@ -59,6 +59,11 @@ def wait_for_server(settings: DbSettings, timeout: float) -> float:
                 return waited
             except exc.DBAPIError as error:
                 last_error = str(error.orig or error).strip().splitlines()[0]
+                if "password authentication failed" in last_error:
+                    # A wrong password does not fix itself; say so now, not after the timeout.
+                    raise ServerUnavailable(
+                        f"database {settings.redacted_url} refused the login: {last_error}"
+                    ) from None
             if time.monotonic() + delay > deadline:
                 raise ServerUnavailable(
                     f"database {settings.redacted_url} not reachable within {timeout:g}s "

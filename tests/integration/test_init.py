@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from db.seed.knowledge import SHIPPED_EXPORT
-from tests.conftest import env_for
+from tests.conftest import Server, env_for
 from tests.pgcluster import Cluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,3 +218,14 @@ def test_invalid_configuration_exits_2_before_connecting(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "DB_POOL_SIZE -1: must be >= 1" in result.stderr
     assert "not reachable" not in result.stderr
+
+
+def test_init_fails_fast_on_a_wrong_password(pg: Server, tmp_path: Path) -> None:
+    if pg.cluster is None:
+        pytest.skip("needs the suite's own cluster, whose TCP logins require a password")
+    url = pg.admin_url.set(password="not-the-password")
+    started = time.monotonic()
+    result = ops("db", "init", env=init_env(url, tmp_path, DB_WAIT_TIMEOUT="60s"))
+    assert result.returncode == 1
+    assert "refused the login" in result.stderr
+    assert time.monotonic() - started < 30
