@@ -7,7 +7,7 @@ exporter does that once for all of them, so a collector stays a few lines of SQL
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,16 +40,3 @@ class Collector(Protocol):
 
 def rows(connection: Connection, sql: str, **params: Any) -> Sequence[Row[Any]]:
     return connection.execute(text(sql), params).all()
-
-
-def fold_top(
-    items: Iterable[tuple[tuple[str, ...], float]], top_n: int
-) -> list[tuple[tuple[str, ...], float]]:
-    """The ``top_n`` largest items, then one ``(other)`` item summing the rest (if any)."""
-    ranked = sorted(items, key=lambda item: (-item[1], item[0]))
-    kept = ranked[:top_n]
-    rest = ranked[top_n:]
-    if rest:
-        width = len(rest[0][0])
-        kept.append(((OTHER,) * width, sum(value for _, value in rest)))
-    return kept
