@@ -195,11 +195,8 @@ def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
         "targets": targets,
     }
     if panel.kind == "table":
-        result["transformations"] = [
-            {"id": "labelsToFields", "options": {}},
-            {"id": "merge", "options": {}},
-            {"id": "organize", "options": {"excludeByName": {"Time": True, "__name__": True}}},
-        ]
+        hidden = {"Time": True, "__name__": True, "job": True}
+        result["transformations"] = [{"id": "organize", "options": {"excludeByName": hidden}}]
     return result
 
 
@@ -470,20 +467,22 @@ def storage() -> dict[str, Any]:
                   "Least-squares slope over 6 hours, in bytes per day; DbopsDatabaseGrowth "
                   "fires above the threshold for an hour."),
             Panel("Largest tables", "bargauge", "bytes",
-                  [instant(f"topk(10, dbops_pg_table_size_bytes{{{INST}}})", "{{table}}")],
+                  [instant(f"topk(10, dbops_pg_table_size_bytes{{{INST_DB}}})",
+                           "{{schema}}.{{table}}")],
                   "Top tables by size (heap + TOAST); the remainder series sums the rest."),
             Panel("Largest indexes", "bargauge", "bytes",
-                  [instant(f"topk(10, dbops_pg_index_size_bytes{{{INST}}})", "{{index}}")],
+                  [instant(f"topk(10, dbops_pg_index_size_bytes{{{INST_DB}}})",
+                           "{{schema}}.{{index}}")],
                   "Top indexes by size; the remainder series sums the rest."),
             Panel("Table sizes", "timeseries", "bytes",
-                  [q(f"topk(10, dbops_pg_table_size_bytes{{{INST}}})", "{{table}}")],
+                  [q(f"topk(10, dbops_pg_table_size_bytes{{{INST_DB}}})", "{{schema}}.{{table}}")],
                   "Which tables grow."),
             Panel("Index scans per second", "timeseries", "ops",
-                  [q(f"topk(10, rate(dbops_pg_index_scans_total{{{INST}}}[$__rate_interval]))",
-                     "{{index}}")],
+                  [q(f"topk(10, rate(dbops_pg_index_scans_total{{{INST_DB}}}[$__rate_interval]))",
+                     "{{schema}}.{{index}}")],
                   "Indexes the planner uses; one never seen here costs writes for nothing."),
             Panel("Unused indexes", "stat", "short",
-                  [instant(f"sum(dbops_pg_unused_indexes{{{INST}}})")],
+                  [instant(f"sum(dbops_pg_unused_indexes{{{INST_DB}}})")],
                   "Indexes with no scans since statistics were reset (not unique, not primary).",
                   width=6, height=6, thresholds=[(1, "orange")]),
         ],
