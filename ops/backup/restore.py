@@ -98,7 +98,8 @@ def restore_backup(
         if "error:" in line:
             errors.append(line)
         elif line.startswith("pg_restore: ") and any(
-            word in line for word in ("creating ", "processing data", "processing item")
+            word in line
+            for word in ("creating ", "processing data", "processing item", "finished item")
         ):
             done = min(total, done + 1)
             if progress is not None:

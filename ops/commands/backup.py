@@ -72,12 +72,14 @@ def run_backup(args: argparse.Namespace) -> int:
     def progress(size: int) -> None:
         print(f"\rdumping {settings.db.database}: {_megabytes(size)}", end="", file=sys.stderr)
 
+    def retention(_: object) -> None:
+        try:
+            pruned.extend(prune(settings, locked=True).deleted)
+        except Exception as error:  # the backup itself is good; say why nothing was pruned
+            print(f"retention failed (backup kept): {error}", file=sys.stderr)
+
     try:
-        manifest = run(
-            settings,
-            progress=progress if tty else None,
-            after_success=lambda _: pruned.extend(prune(settings, locked=True).deleted),
-        )
+        manifest = run(settings, progress=progress if tty else None, after_success=retention)
     except LockHeld as held:
         return _fail(f"backup not started: {held}")
     except BackupError as error:
@@ -175,6 +177,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from ops.backup.pgtools import ToolError
     from ops.backup.restore import RestoreError, restore_backup
 
@@ -196,8 +200,9 @@ def run_restore(args: argparse.Namespace) -> int:
         result = restore_backup(
             settings, args.id, args.target_db, force=args.force, jobs=jobs, progress=progress
         )
-    except (RestoreError, ToolError) as error:
-        return _fail(f"{chr(10) if tty else ''}restore failed: {error}")
+    except (RestoreError, ToolError, SQLAlchemyError) as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        return _fail(f"{chr(10) if tty else ''}restore failed: {reason}")
     finally:
         if tty:
             print(file=sys.stderr)
