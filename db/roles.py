@@ -1,7 +1,8 @@
 """The login roles the other services use, created and kept in shape by ``ops db init``.
 
-- app (``APP_DB_USER``): DML on the platform's tables, SELECT on its views, nothing else; the
-  tables created by later migrations are covered through ``ALTER DEFAULT PRIVILEGES``.
+- app (``APP_DB_USER``): DML on the platform's tables, SELECT on its views and on
+  ``alembic_version``, nothing else; the tables created by later migrations are covered
+  through ``ALTER DEFAULT PRIVILEGES``.
 - monitor (``MONITOR_DB_USER``): ``pg_monitor`` and CONNECT; it sees every session and
   statistics view but no table data.
 - backup (``BACKUP_DB_USER``): ``pg_read_all_data`` (SELECT on every table when the server
@@ -262,6 +263,18 @@ class _Roles:
 
     def _app(self, spec: RoleSpec, result: RoleResult) -> None:
         self._grant_on(spec, "rp", APP_TABLE_PRIVILEGES, result)
+        # read-only, so a service can tell whether the schema is at the revision it expects
+        if self._scalar(
+            "SELECT CASE WHEN to_regclass(:table) IS NULL THEN false"
+            " ELSE NOT has_table_privilege(:name, :table, 'SELECT') END",
+            table=f"{SCHEMA}.alembic_version",
+            name=spec.name,
+        ):
+            self._run(
+                f"GRANT SELECT ON TABLE {self.quote(SCHEMA)}.alembic_version"
+                f" TO {self.quote(spec.name)}"
+            )
+            result.changes.append("select on alembic_version")
         self._grant_on(spec, "vm", READ_PRIVILEGES, result)
         self._grant_on(spec, "S", SEQUENCE_PRIVILEGES, result)
         self._defaults(spec, "r", APP_TABLE_PRIVILEGES, result)

@@ -112,6 +112,7 @@ def test_app_role_does_dml_but_no_ddl(
     assert not allowed(app, "CREATE TABLE app_owned (id int)")
     assert not allowed(app, "DROP TABLE metrics")
     assert not allowed(app, "ALTER TABLE agents ADD COLUMN x int")
+    assert allowed(app, "SELECT version_num FROM alembic_version")
     assert not allowed(app, "UPDATE alembic_version SET version_num = 'x'")
     # a table a later migration creates is covered by the default privileges
     with admin.begin() as connection:
