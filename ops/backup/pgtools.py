@@ -7,6 +7,7 @@ argv: the password would otherwise be readable by anyone on the host through ``p
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -55,6 +56,13 @@ def find_tool(name: str, bindir: Path | None) -> ClientTool:
     if path is None:
         where = f"in PG_BINDIR {bindir}" if bindir else "on PATH (set PG_BINDIR)"
         raise ToolError(f"{name} not found {where}")
+    stat = os.stat(path)
+    return _tool_version(name, path, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _tool_version(name: str, path: str, mtime_ns: int, inode: int) -> ClientTool:
+    """Cached per binary file: a package upgrade changes mtime/inode and so the answer."""
     result = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
     match = _VERSION.search(result.stdout)
     if result.returncode != 0 or not match:
