@@ -235,3 +235,18 @@ def test_scram_check_matches_libpq_verifiers(admin: Engine) -> None:
     assert not scram_matches(verifier, "the wrong password")
     assert not scram_matches("md5" + "0" * 32, "the right password")
     assert not scram_matches(None, "the right password")
+
+
+def test_create_on_public_schema_is_taken_back_from_everyone(
+    admin: Engine, specs: list[RoleSpec], as_role: Callable[[RoleSpec], Engine]
+) -> None:
+    """Servers before 15 let every role create objects in ``public``; the app must not."""
+    with admin.begin() as connection:
+        connection.execute(text("GRANT CREATE ON SCHEMA public TO PUBLIC"))
+    with admin.begin() as connection:
+        results = ensure_roles(connection, specs)
+    assert [r.changes for r in results if r.kind == "schema"] == [
+        ["revoked CREATE on schema public from PUBLIC"]
+    ]
+    assert not allowed(as_role(specs[0]), "CREATE TABLE app_owned (id int)")
+    assert "schema" not in ensure(admin, specs)
