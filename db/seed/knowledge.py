@@ -10,7 +10,7 @@ either lands completely or not at all. Entries are matched on their stable ``id`
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from db.models import KnowledgeEntry
 from db.seed.agents import agent_ids
-from db.seed.upsert import UpsertCounts, upsert
+from db.seed.upsert import CHUNK_ROWS, UpsertCounts, upsert
 
 SHIPPED_EXPORT = Path(__file__).resolve().parent / "knowledge_base.jsonl"
 KNOWLEDGE_TABLE: Table = KnowledgeEntry.__table__  # type: ignore[assignment]
@@ -142,8 +142,13 @@ def parse_export(path: Path) -> ParsedExport:
     return parse_lines(text.splitlines(), path)
 
 
-def import_knowledge(connection: Connection, path: Path) -> UpsertCounts:
-    """Validate ``path`` completely, then upsert it; raises before writing if anything is wrong."""
+def import_knowledge(
+    connection: Connection, path: Path, progress: Callable[[int, int], None] | None = None
+) -> UpsertCounts:
+    """Validate ``path`` completely, then upsert it; raises before writing if anything is wrong.
+
+    ``progress(done, total)`` is called after validation (done = 0) and after each batch.
+    """
     parsed = parse_export(path)
     if parsed.errors:
         raise KnowledgeImportError(parsed.errors)
@@ -168,6 +173,14 @@ def import_knowledge(connection: Connection, path: Path) -> UpsertCounts:
         }
         for r in parsed.records
     ]
-    return upsert(
-        connection, KNOWLEDGE_TABLE, rows, conflict=("external_id",), update=SEEDED_COLUMNS
-    )
+    total = UpsertCounts()
+    if progress is not None:
+        progress(0, len(rows))
+    for start in range(0, len(rows), CHUNK_ROWS):
+        batch = rows[start : start + CHUNK_ROWS]
+        total += upsert(
+            connection, KNOWLEDGE_TABLE, batch, conflict=("external_id",), update=SEEDED_COLUMNS
+        )
+        if progress is not None:
+            progress(start + len(batch), len(rows))
+    return total

@@ -146,12 +146,26 @@ def run_seed(args: argparse.Namespace) -> int:
     return _guarded(run, args)
 
 
+def _progress(label: str) -> Callable[[int, int], None]:
+    """A progress line redrawn in place on a terminal; plain log lines otherwise."""
+    terminal = sys.stderr.isatty()
+
+    def report(done: int, total: int) -> None:
+        if terminal:
+            end = "\n" if done == total else ""
+            print(f"\r{label}: {done}/{total} entries", end=end, file=sys.stderr, flush=True)
+        elif done == 0:
+            log.info("%s: %d entries checked, writing", label, total)
+
+    return report
+
+
 def run_import_knowledge(args: argparse.Namespace) -> int:
     path: Path = args.file
 
     def run(settings: Settings, engine: Engine) -> int:
         with engine.begin() as connection:
-            counts = import_knowledge(connection, path)
+            counts = import_knowledge(connection, path, _progress(f"importing {path}"))
         log.info("imported %s: %s", path, counts)
         _print(args, {"file": str(path), **counts.as_dict()}, [f"knowledge: {counts}"])
         return EXIT_OK

@@ -223,3 +223,16 @@ def test_failed_seed_removes_the_password_file_it_wrote(engine: Engine, tmp_path
     assert set(counts(engine).values()) == {0}
     report = seed(engine, SeedSettings(admin_password_output=output))
     assert report.admin.action == "inserted" and output.exists()
+
+
+def test_import_in_batches_reports_progress_and_exact_totals(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("db.seed.knowledge.CHUNK_ROWS", 2)
+    seed(engine, SeedSettings(admin_password_output=tmp_path / "pw"))
+    path = write_export(tmp_path / "kb.jsonl", [entry(n) for n in range(5)])
+    calls: list[tuple[int, int]] = []
+    with engine.begin() as connection:
+        counts = import_knowledge(connection, path, lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    assert counts.as_dict() == {"inserted": 5, "updated": 0, "unchanged": 0}
