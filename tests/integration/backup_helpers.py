@@ -169,6 +169,7 @@ def data_only_dump(url: URL) -> str:
             "pg_dump",
             "--data-only",
             "--no-comments",
+            "--no-owner",
             f"--host={url.host}",
             f"--port={url.port}",
             f"--username={url.username}",

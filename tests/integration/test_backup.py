@@ -4,6 +4,8 @@ where exit codes and messages are the behaviour."""
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,36 @@ def test_invalid_backup_schedule_exits_2_before_connecting(tmp_path: Path, sourc
     assert done.returncode == 2
     assert "BACKUP_SCHEDULE" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def backup_role(pg: Server) -> Iterator[tuple[str, str]]:
+    """A role shaped like BACKUP_DB_USER: reads everything, may create databases, nothing else."""
+    name, password = f"t_backup_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    pg.execute(
+        f"CREATE ROLE {name} LOGIN PASSWORD '{password}' CREATEDB "
+        "IN ROLE pg_read_all_data, pg_monitor"
+    )
+    try:
+        yield name, password
+    finally:
+        pg.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_backup_role_without_superuser_can_run_drill_and_restore(
+    pg: Server, source: URL, tmp_path: Path, backup_role: tuple[str, str]
+) -> None:
+    user, password = backup_role
+    as_role = source.set(username=user, password=password)
+    settings = settings_for(as_role, tmp_path)
+    manifest = run_backup(settings)
+    assert manifest.tables["public.payload"] == 2000
+    verification = drill(settings, manifest)
+    assert verification.ok, verification.detail
+    target = f"{source.database}_by_role"
+    try:
+        done = ops(as_role, tmp_path, "backup", "restore", manifest.id, "--target-db", target)
+        assert done.returncode == 0, done.stderr
+        assert data_only_dump(pg.url(target)) == data_only_dump(source)
+    finally:
+        pg.drop_database(target)
