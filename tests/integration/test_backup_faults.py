@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from ops.backup.manifest import STATUS_FAILED, BackupDirectory
+from ops.backup.prune import prune
 from ops.backup.runner import BackupError, run_backup
 from ops.backup.verify import check
 from tests.conftest import Server, env_for
@@ -62,6 +63,9 @@ def test_dump_connection_terminated_mid_dump_records_failure_and_next_run_succee
     assert records[0].id not in listed.stdout
     again = run_backup(settings)
     assert again.ok and check(settings, again).ok
+    # Retention clears the record of the failed run once a newer good backup exists.
+    assert prune(settings).failed_records == [records[0].id]
+    assert [m.id for m in store.manifests()] == [again.id]
 
 
 def test_password_reaches_pg_dump_by_environment_never_argv(source: URL, tmp_path: Path) -> None:
