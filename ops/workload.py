@@ -78,8 +78,11 @@ def read_workload_settings(reader: EnvReader, db: DbSettings) -> WorkloadSetting
     mode = reader.choice("WORKLOAD_MODE", "steady", MODES)
     capacity = db.pool_size + db.max_overflow
     if mode == "saturate":
-        # three agents per connection, each holding it for seconds: waits never drain
-        defaults = (3 * capacity, 2.0, 0.0)
+        # Two agents per connection, each holding it for a second: there are always callers
+        # waiting, yet each wait stays near one hold time, far below DB_POOL_TIMEOUT. (Timeouts
+        # would be DbopsPoolTimeouts, which pages instead.) The short pause after each task
+        # keeps an agent from grabbing back the connection it just returned ahead of waiters.
+        defaults = (2 * capacity, 1.0, 0.1)
     else:
         defaults = (max(1, min(4, capacity)), 0.05, 0.5)
     listen = reader.string("WORKLOAD_LISTEN", "0.0.0.0:9189")

@@ -8,14 +8,14 @@ from db.settings import ConfigError
 from ops.workload import load_workload_settings
 
 
-def test_saturate_mode_puts_three_agents_on_every_pooled_connection() -> None:
+def test_saturate_mode_puts_two_agents_on_every_pooled_connection() -> None:
     _, settings = load_workload_settings(
         {"WORKLOAD_MODE": "saturate", "DB_POOL_SIZE": "5", "DB_MAX_OVERFLOW": "1"}
     )
     assert settings.mode == "saturate"
-    assert settings.concurrency == 18
+    assert settings.concurrency == 12
     assert settings.hold_seconds >= 1.0
-    assert settings.think_seconds == 0
+    assert settings.think_seconds < settings.hold_seconds
 
 
 def test_steady_mode_stays_within_the_pool() -> None:

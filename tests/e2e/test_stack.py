@@ -1,0 +1,236 @@
+"""The README's quick start, for real: `make up`, a backup and a restore, the demo workload pushing
+its pool into saturation until DbopsPoolSaturated reaches Alertmanager, PostgreSQL going away
+until DbopsPostgresDown fires, and `make down` leaving nothing behind.
+
+The tests run in file order and share one stack; each states what it proves on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import FIGURES, ROOT, Stack, seconds_in, wait_until
+
+SEED_TABLES = ("agents", "users", "workflows", "tasks", "knowledge_base")
+DATA_TABLES = (*SEED_TABLES, "sessions", "metrics", "alembic_version")
+
+
+def rule_names() -> tuple[set[str], set[str]]:
+    """Alert and recording rule names in the rule files the stack's Prometheus loads."""
+    alerts, records = set(), set()
+    for path in sorted((ROOT / "monitoring" / "prometheus" / "rules").glob("*.yml")):
+        for group in yaml.safe_load(Path(path).read_text())["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    alerts.add(rule["alert"])
+                else:
+                    records.add(rule["record"])
+    return alerts, records
+
+
+def seed_fingerprint(stack: Stack) -> str:
+    """Row counts and the newest change of every seeded table: a re-seed would move them."""
+    parts = [
+        f"(SELECT count(*) || '/' || coalesce(max(updated_at)::text, '-') FROM {table})"
+        for table in SEED_TABLES
+    ]
+    return stack.psql("SELECT " + " || ' ' || ".join(parts))
+
+
+def table_digest(stack: Stack, database: str) -> dict[str, str]:
+    """Per table: row count and an md5 over its ordered rows; equal data, equal digests."""
+    digests = {}
+    for table in DATA_TABLES:
+        digests[table] = stack.psql(
+            "SELECT count(*) || ':' || "
+            f"coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t",
+            database,
+        )
+    return digests
+
+
+@pytest.mark.timeout(900)
+def test_make_up_brings_every_service_to_healthy_or_completed(stack: Stack) -> None:
+    result = stack.make("up")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert stack.env_file.exists() and stack.env_file.stat().st_mode & 0o077 == 0
+    containers = stack.containers()
+    assert set(containers) == {"postgres", "db-init", "ops", "prometheus", "alertmanager"}
+    assert containers["db-init"]["State"]["Status"] == "exited"
+    assert containers["db-init"]["State"]["ExitCode"] == 0
+    for service in ("postgres", "ops", "prometheus", "alertmanager"):
+        assert containers[service]["State"]["Health"]["Status"] == "healthy", service
+    for port_name, path in (
+        ("PROMETHEUS_PORT", ""),
+        ("ALERTMANAGER_PORT", ""),
+        ("OPS_PORT", "/metrics"),
+    ):
+        assert stack.url(port_name, path) in output
+    stack.started = True
+    start = seconds_in(output, r"healthy or completed: ([\d.]+) s from start")
+    FIGURES["make up, fresh volumes, image built: start to all healthy"] = f"{start} s"
+    FIGURES["make up including the image build"] = (
+        str(seconds_in(output, r"\(([\d.]+) s including the build\)")) + " s"
+    )
+
+
+def test_services_connect_as_their_own_roles_not_the_superuser(stack: Stack) -> None:
+    def client_roles() -> set[str]:
+        roles = stack.psql(
+            "SELECT string_agg(DISTINCT usename, ',') FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        return set(roles.split(",")) if roles else set()
+
+    # the exporter's pool keeps its connection between Prometheus's scrapes
+    roles = wait_until(lambda: client_roles() >= {"dbops_monitor"} and client_roles(), 60, "roles")
+    assert roles <= {"dbops_monitor", "dbops_backup"}
+    superusers = stack.psql("SELECT string_agg(rolname, ',') FROM pg_roles WHERE rolsuper")
+    assert superusers == "dbops"
+
+
+@pytest.mark.timeout(600)
+def test_init_ran_once_and_a_second_up_does_not_reseed(stack: Stack) -> None:
+    before = seed_fingerprint(stack)
+    assert before.split(" ")[0].startswith("10/"), before  # the ten default agents
+    first_run = stack.containers()["db-init"]["State"]["StartedAt"]
+
+    result = stack.make("up")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    init = stack.containers()["db-init"]["State"]
+    assert init["StartedAt"] != first_run, "the second `make up` did not run db-init again"
+    assert init["ExitCode"] == 0
+    assert seed_fingerprint(stack) == before
+    again = seconds_in(result.stdout, r"healthy or completed: ([\d.]+) s from start")
+    FIGURES["second make up (stack already running): to all healthy"] = f"{again} s"
+
+
+def test_sidecar_serves_metrics_and_is_healthy_and_ready(stack: Stack) -> None:
+    status, metrics = stack.get("OPS_PORT", "/metrics")
+    assert status == 200
+    assert "dbops_pg_up 1.0" in metrics
+    assert 'dbops_pool_size{pool="dbops-sidecar"}' in metrics
+    assert "dbops_pg_max_connections" in metrics
+    assert "dbops_backup_max_age_seconds" in metrics
+    assert stack.get("OPS_PORT", "/healthz")[0] == 200
+    assert stack.get("OPS_PORT", "/readyz")[0] == 200
+
+
+@pytest.mark.timeout(600)
+def test_backup_through_the_sidecar_restores_into_a_scratch_database_with_equal_data(
+    stack: Stack,
+) -> None:
+    result = stack.make("backup")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = stack.exec_ops("backup", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    backups = json.loads(listed.stdout)
+    entries = backups["backups"] if isinstance(backups, dict) else backups
+    newest = max(entries, key=lambda entry: entry["id"])
+
+    restore = stack.make("restore", ID=newest["id"], TARGET_DB="e2e_restored")
+
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    original = table_digest(stack, "dbops")
+    assert original["agents"].startswith("10:")
+    assert table_digest(stack, "e2e_restored") == original
+
+
+@pytest.mark.timeout(600)
+def test_demo_workload_runs_as_the_application_role(stack: Stack) -> None:
+    result = stack.make("demo", WORKLOAD_MODE="saturate")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stack.containers()["workload"]["State"]["Health"]["Status"] == "healthy"
+    wait_until(
+        lambda: (
+            int(
+                stack.psql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE usename = 'dbops_app' AND application_name = 'dbops-workload'"
+                )
+            )
+            > 0
+        ),
+        60,
+        "workload connections as dbops_app",
+    )
+    status, metrics = stack.get("WORKLOAD_PORT", "/metrics")
+    assert status == 200 and 'dbops_pool_size{pool="dbops-workload"} 5.0' in metrics
+
+
+@pytest.mark.timeout(300)
+def test_prometheus_scrapes_every_target_and_loads_every_rule(stack: Stack) -> None:
+    def every_target_up() -> list[dict[str, str]]:
+        targets = stack.get_json("PROMETHEUS_PORT", "/api/v1/targets")["data"]["activeTargets"]
+        assert {t["labels"]["job"] for t in targets} >= {"dbops-sidecar", "dbops-app"}
+        down = [
+            f"{t['scrapeUrl']}: {t['health']} {t['lastError']}"
+            for t in targets
+            if t["health"] != "up"
+        ]
+        assert not down, down
+        return targets
+
+    wait_until(every_target_up, 120, "every Prometheus target up")
+    groups = stack.get_json("PROMETHEUS_PORT", "/api/v1/rules")["data"]["groups"]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    alerts, records = rule_names()
+    assert {r["name"] for r in loaded if r["type"] == "alerting"} == alerts
+    assert {r["name"] for r in loaded if r["type"] == "recording"} == records
+    assert [r["name"] for r in loaded if r["health"] != "ok"] == []
+    assert len(alerts) >= 13
+
+
+@pytest.mark.timeout(600)
+def test_pool_saturation_fires_and_reaches_alertmanager_and_the_sidecar(stack: Stack) -> None:
+    firing = wait_until(
+        lambda: stack.firing("DbopsPoolSaturated"), 480, "DbopsPoolSaturated firing in Prometheus"
+    )
+    assert {alert["metric"]["pool"] for alert in firing} == {"dbops-workload"}
+    received = wait_until(
+        lambda: stack.alertmanager_alerts("DbopsPoolSaturated"), 60, "alert at Alertmanager"
+    )
+    assert received[0]["labels"]["pool"] == "dbops-workload"
+    assert received[0]["status"]["state"] == "active"
+
+    def delivered_to_sidecar() -> bool:
+        metrics = stack.get("OPS_PORT", "/metrics")[1]
+        return (
+            'dbops_alerts_received_total{alertname="DbopsPoolSaturated",status="firing"}' in metrics
+        )
+
+    # Alertmanager's warning route waits group_wait before its webhook posts to ops:9188/alerts.
+    wait_until(delivered_to_sidecar, 90, "DbopsPoolSaturated delivered to the sidecar's /alerts")
+
+
+@pytest.mark.timeout(600)
+def test_stopping_postgres_fires_postgres_down_and_the_sidecar_keeps_running(stack: Stack) -> None:
+    stopped = stack.compose("stop", "postgres")
+    assert stopped.returncode == 0, stopped.stderr
+
+    wait_until(
+        lambda: "dbops_pg_up 0.0" in stack.get("OPS_PORT", "/metrics")[1], 60, "dbops_pg_up 0"
+    )
+    wait_until(lambda: stack.firing("DbopsPostgresDown"), 240, "DbopsPostgresDown firing")
+    wait_until(
+        lambda: stack.alertmanager_alerts("DbopsPostgresDown"),
+        60,
+        "DbopsPostgresDown at Alertmanager",
+    )
+    sidecar = stack.containers()["ops"]["State"]
+    assert sidecar["Status"] == "running" and sidecar["Restarting"] is False
+    assert stack.get("OPS_PORT", "/healthz")[0] == 200
+    assert stack.get("OPS_PORT", "/readyz")[0] == 503
+
+
+@pytest.mark.timeout(300)
+def test_make_down_leaves_no_containers(stack: Stack) -> None:
+    result = stack.make("down")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert stack.containers() == {}
