@@ -89,6 +89,13 @@ def restore_backup(
     env = libpq_env(settings.db.url.set(database=target), "dbops-restore")
     errors: list[str] = []
     done = 0
+    # What pg_restore --verbose says once per archive item: serially it announces each item;
+    # in parallel each item is "processing item" (serial phases) or "finished item" (workers).
+    steps = (
+        ("processing item", "finished item")
+        if jobs > 1
+        else ("creating ", "executing ", "processing data")
+    )
     process = subprocess.Popen(
         command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -97,10 +104,7 @@ def restore_backup(
         line = raw.strip()
         if "error:" in line:
             errors.append(line)
-        elif line.startswith("pg_restore: ") and any(
-            word in line
-            for word in ("creating ", "processing data", "processing item", "finished item")
-        ):
+        elif line.startswith("pg_restore: ") and any(word in line for word in steps):
             done = min(total, done + 1)
             if progress is not None:
                 progress(done, total, line.removeprefix("pg_restore: "))
@@ -110,6 +114,8 @@ def restore_backup(
         raise RestoreError(
             f"pg_restore exited {code} with {len(errors)} error(s) restoring into {target}: {shown}"
         )
+    if progress is not None and done < total:
+        progress(total, total, "done")
     return RestoreResult(manifest.id, target, time.monotonic() - clock, total, replaced)
 
 

@@ -4,6 +4,10 @@ where exit codes and messages are the behaviour."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +20,8 @@ from ops.backup.manifest import BackupDirectory
 from ops.backup.prune import prune
 from ops.backup.runner import run_backup
 from ops.backup.verify import SCRATCH_PREFIX, drill
-from tests.conftest import Server
-from tests.integration.backup_helpers import data_only_dump, ops, populate, settings_for
+from tests.conftest import Server, env_for
+from tests.integration.backup_helpers import REPO, data_only_dump, ops, populate, settings_for
 
 
 @pytest.fixture
@@ -256,3 +260,44 @@ def test_backup_role_without_superuser_can_run_drill_and_restore(
         assert data_only_dump(pg.url(target)) == data_only_dump(source)
     finally:
         pg.drop_database(target)
+
+
+def test_restore_shows_progress_on_a_terminal(pg: Server, source: URL, tmp_path: Path) -> None:
+    assert ops(source, tmp_path, "backup", "run").returncode == 0
+    backup_id = BackupDirectory(tmp_path).backups(str(source.database))[-1].id
+    target = f"{source.database}_tty"
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ops.cli",
+                "backup",
+                "restore",
+                backup_id,
+                "--target-db",
+                target,
+            ],
+            env=env_for(source, BACKUP_DIR=str(tmp_path)),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert process.wait(60) == 0
+    finally:
+        os.close(controller)
+        pg.drop_database(target)
+    total = shown.decode().rsplit("[", 1)[-1].split("]")[0]
+    assert b"\r\x1b[K[1/" in shown
+    assert f"[{total}]".encode() in shown and total.split("/")[0] == total.split("/")[1]
