@@ -68,8 +68,11 @@ class DirectoryLock:
             "purpose": self.purpose,
             "since": utc_now().isoformat(timespec="seconds"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError:  # a full disk must not leave us holding a lock we think we lack
+            pass
 
     def release(self) -> None:
         if self._fd is None:
@@ -77,9 +80,10 @@ class DirectoryLock:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
         finally:
-            os.close(fd)
+            os.close(fd)  # closing drops the flock
 
     @property
     def held(self) -> bool:
