@@ -125,6 +125,8 @@ class ServerExporter(RegistryCollector):
         # Cached collectors run off the scrape path and grow with the catalog (sizes take ~1.6 s
         # at 10,000 tables), so their statements get a longer leash than the scrape's.
         self.refresh_timeout = max(timeout, refresh_timeout or timeout)
+        # room for a checkout, a connect and the cheap queries, each under ``timeout``
+        self.deadline = 2 * timeout + 1
         self.options = options or Options()
         self.collectors = list(collectors) if collectors is not None else default_collectors()
         self.timeout = timeout
@@ -140,19 +142,39 @@ class ServerExporter(RegistryCollector):
     # -- scrape path ------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        families: list[Metric] = []
-        if self._scrape_lock.acquire(timeout=self.timeout):
-            try:
-                families = self._scrape()
-            finally:
-                self._scrape_lock.release()
-        else:
-            self._set_down("previous scrape still waiting for the database")
-        yield from families
+        yield from self._scrape_within_deadline()
         for collector in self.collectors:
             if collector.cached:
                 yield from self.states[collector.name].cache
         yield from self._own_metrics()
+
+    def _scrape_within_deadline(self) -> list[Metric]:
+        """Scrape on a worker thread and wait at most the deadline for it.
+
+        Server-side timeouts cannot fire on a server that is frozen (SIGSTOP, a hung storage
+        layer, a half-open TCP connection), and libpq has no client-side query timeout. So the
+        queries run on a worker that holds the scrape lock until it returns, however late; the
+        scrape itself answers ``dbops_pg_up 0`` at the deadline, and later scrapes do not pile
+        up behind the stuck one: they cannot take the lock and answer at once.
+        """
+        if not self._scrape_lock.acquire(timeout=self.timeout):
+            self._set_down("previous scrape still waiting for the database")
+            return []
+        result: list[list[Metric]] = []
+
+        def work() -> None:
+            try:
+                result.append(self._scrape())
+            finally:
+                self._scrape_lock.release()
+
+        worker = threading.Thread(target=work, name="scrape", daemon=True)
+        worker.start()
+        worker.join(self.deadline)
+        if worker.is_alive():
+            self._set_down(f"no answer within {self.deadline:g}s")
+            return []
+        return result[0] if result else []
 
     def _scrape(self) -> list[Metric]:
         cheap = [c for c in self.collectors if not c.cached]
