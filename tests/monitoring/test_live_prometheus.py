@@ -1,0 +1,185 @@
+"""The monitoring content against a live system: real PostgreSQL, ``ops serve``, an instrumented
+pool under load, Prometheus and Alertmanager with this repository's configuration and rules.
+
+Every recording rule must return data, every dashboard query (variables substituted with the
+values Grafana would offer) must be valid and return a series, every metric an alert reads must
+exist, each scrape must pass ``promtool check metrics``, and an alert must travel from a rule
+through Alertmanager to the sidecar's webhook.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import URL
+
+from db.engine import create_engine
+from db.settings import load_db_settings
+from tests.conftest import Server, env_for
+from tests.monitoring.live import APP_POOL, LiveStack, http_get
+from tests.monitoring.tools import dashboards, panels, recording_rules, rules, tool
+from tests.pgcluster import wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+RATE_INTERVAL = "15s"  # what $__rate_interval is at 1 s scrapes, with room to spare
+METRIC = re.compile(r"(?<![:\w])(dbops_\w+|up)(?![:\w(])")
+LABEL_VALUES = re.compile(r"label_values\((.*),\s*(\w+)\)")
+
+
+@pytest.fixture(scope="module")
+def live(pg: Server) -> Iterator[LiveStack]:
+    database = pg.create_database(template=pg.migrated_template())
+    url: URL = pg.url(database)
+    settings = load_db_settings(env_for(url, DB_APPLICATION_NAME=APP_POOL))
+    engine = create_engine(settings, pool_size=2, max_overflow=1, pool_timeout=0.5)
+    stack = LiveStack(url, engine)
+    try:
+        stack.start()
+        yield stack
+        assert not stack.load.errors, stack.load.errors
+    finally:
+        stack.stop()
+        engine.dispose()
+        pg.drop_database(database)
+
+
+def eventually(check: Any, timeout: float = 30) -> Any:
+    """Poll ``check()`` (a list of problems) until it is empty or time runs out."""
+    problems = check()
+    deadline = time.monotonic() + timeout
+    while problems and time.monotonic() < deadline:
+        time.sleep(1)
+        problems = check()
+    return problems
+
+
+def test_every_target_is_scraped(live: LiveStack) -> None:
+    def down() -> list[str]:
+        targets = live.prometheus.api("targets")["activeTargets"]
+        seen = {t["labels"]["job"]: t["health"] for t in targets}
+        return [f"{job}: {seen.get(job)}" for job in live.ports if seen.get(job) != "up"]
+
+    assert not eventually(down), live.logs()
+
+
+def test_every_recording_rule_returns_data(live: LiveStack) -> None:
+    names = recording_rules()
+    assert len(names) >= 11
+
+    def empty() -> list[str]:
+        return [name for name in names if not live.prometheus.query(name)]
+
+    assert not eventually(empty, 45), live.logs()
+
+
+def test_every_metric_the_rules_read_is_exported(live: LiveStack) -> None:
+    wanted = sorted({name for rule in rules() for name in METRIC.findall(rule["expr"])})
+    assert "dbops_pool_checked_out" in wanted and "dbops_backup_max_age_seconds" in wanted
+
+    def missing() -> list[str]:
+        return [name for name in wanted if not live.prometheus.query(f"count({name})")]
+
+    assert not eventually(missing), live.logs()
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    for name, value in values.items():
+        expr = expr.replace(f"${{{name}}}", value).replace(f"${name}", value)
+    return expr.replace("$__rate_interval", RATE_INTERVAL)
+
+
+def variable_values(live: LiveStack, board: dict[str, Any]) -> dict[str, str]:
+    """Each variable as Grafana sends a multi-value "All": a regex of every value it offers."""
+    values: dict[str, str] = {}
+    for variable in board["templating"]["list"]:
+        match = LABEL_VALUES.fullmatch(substitute(variable["definition"], values))
+        assert match, variable["definition"]
+        selector, label = match.groups()
+        found = live.prometheus.label_values(selector, label)
+        assert found, f"{board['uid']}: variable {variable['name']} has no values"
+        alternatives = "|".join(re.escape(value) for value in found)
+        values[variable["name"]] = f"({alternatives})".replace("\\", "\\\\")
+    return values
+
+
+def dashboard_queries(live: LiveStack) -> list[tuple[str, dict[str, Any]]]:
+    queries = []
+    for name, board in dashboards().items():
+        values = variable_values(live, board)
+        for panel in panels(board):
+            for target in panel["targets"]:
+                resolved = {**target, "expr": substitute(target["expr"], values)}
+                queries.append((f"{name} / {panel['title']} / {target['refId']}", resolved))
+    return queries
+
+
+def test_every_dashboard_query_is_valid_and_returns_series(live: LiveStack) -> None:
+    queries = dashboard_queries(live)
+    assert len(queries) >= 60
+
+    def empty() -> list[str]:
+        problems = []
+        for where, target in queries:
+            if "$" in target["expr"]:
+                problems.append(f"{where}: unsubstituted variable in {target['expr']}")
+                continue
+            if target["instant"]:
+                result = live.prometheus.query(target["expr"])
+            else:
+                result = live.prometheus.query_range(target["expr"])
+            if not result:
+                problems.append(f"{where}: no series for {target['expr']}")
+        return problems
+
+    assert not eventually(empty, 45)
+
+
+def test_promtool_check_metrics_passes_on_each_scrape(live: LiveStack) -> None:
+    promtool = tool("promtool")
+    for job in ("dbops-sidecar", "dbops-app"):
+        status, body = http_get(f"http://127.0.0.1:{live.ports[job]}/metrics")
+        assert status == 200, job
+        assert "dbops_" in body
+        result = subprocess.run(
+            [promtool, "check", "metrics"],
+            input=body,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"{job}: {result.stdout}{result.stderr}"
+
+
+def test_a_pool_timeout_alert_reaches_the_sidecar_webhook(live: LiveStack) -> None:
+    """DbopsPoolTimeouts fires on the real timeout, routes as critical and is logged."""
+
+    def not_firing() -> list[str]:
+        alerts = live.prometheus.api("alerts")["alerts"]
+        firing = [
+            a
+            for a in alerts
+            if a["labels"]["alertname"] == "DbopsPoolTimeouts"
+            and a["labels"].get("pool") == APP_POOL
+            and a["state"] == "firing"
+        ]
+        return [] if firing else ["DbopsPoolTimeouts is not firing"]
+
+    assert not eventually(not_firing, 45), live.logs()
+    sidecar = f"http://127.0.0.1:{live.ports['dbops-sidecar']}/metrics"
+    received = 'dbops_alerts_received_total{alertname="DbopsPoolTimeouts",status="firing"}'
+
+    def delivered() -> bool:
+        status, body = http_get(sidecar)
+        return status == 200 and any(
+            line.startswith(received) and float(line.split()[-1]) >= 1 for line in body.splitlines()
+        )
+
+    assert wait_for(delivered, 45, interval=1), live.logs()
+    assert "DbopsPoolTimeouts" in (live.dir / "sidecar.log").read_text()
