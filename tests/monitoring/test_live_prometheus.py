@@ -9,9 +9,11 @@ through Alertmanager to the sidecar's webhook.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,3 +185,47 @@ def test_a_pool_timeout_alert_reaches_the_sidecar_webhook(live: LiveStack) -> No
 
     assert wait_for(delivered, 45, interval=1), live.logs()
     assert "DbopsPoolTimeouts" in (live.dir / "sidecar.log").read_text()
+
+
+def test_alertmanager_inhibits_a_warning_while_the_same_alert_is_critical(
+    live: LiveStack,
+) -> None:
+    base = f"http://127.0.0.1:{live.ports['alertmanager']}/api/v2/alerts"
+
+    def alert(severity: str, instance: str) -> dict[str, Any]:
+        return {
+            "labels": {
+                "alertname": "DbopsServerConnectionsHigh",
+                "severity": severity,
+                "job": "dbops-sidecar",
+                "instance": instance,
+            },
+            "annotations": {"summary": "inhibition check"},
+        }
+
+    posted = [
+        alert("critical", "inhibit-check:1"),
+        alert("warning", "inhibit-check:1"),
+        alert("warning", "inhibit-check:2"),
+    ]
+    request = urllib.request.Request(
+        base, data=json.dumps(posted).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+
+    def states() -> dict[tuple[str, str], str]:
+        status, body = http_get(base)
+        assert status == 200
+        return {
+            (a["labels"]["severity"], a["labels"]["instance"]): a["status"]["state"]
+            for a in json.loads(body)
+            if a["labels"]["instance"].startswith("inhibit-check")
+        }
+
+    expected = {
+        ("critical", "inhibit-check:1"): "active",
+        ("warning", "inhibit-check:1"): "suppressed",
+        ("warning", "inhibit-check:2"): "active",
+    }
+    assert wait_for(lambda: states() == expected, 15, interval=0.5), states()
