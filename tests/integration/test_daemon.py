@@ -227,3 +227,18 @@ def test_outage_reports_down_fast_and_recovers_by_itself(own_cluster: Cluster) -
     assert log.count("database reachable again") >= 1
     assert "Traceback" not in log
     assert os.path.exists(own_cluster.datadir)
+
+
+def test_starts_and_stays_live_while_the_database_is_unreachable() -> None:
+    nowhere = URL.create("postgresql+psycopg2", "dbops", "secret-pw", "127.0.0.1", free_port(), "x")
+    with sidecar(nowhere) as running:
+        started = time.monotonic()
+        assert running.metric("dbops_pg_up") == 0
+        assert time.monotonic() - started < 5
+        assert running.get("/healthz")[0] == 200
+        status, body = running.get("/readyz")
+        assert status == 503 and "database unreachable" in body
+        assert stop(running.process) == 0
+        log = running.stderr()
+    assert "secret-pw" not in log and "Traceback" not in log
+    assert log.count("database unreachable") == 1
