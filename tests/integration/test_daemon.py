@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -106,6 +107,12 @@ def test_endpoints_and_sigterm_shutdown(migrated_db: URL) -> None:
         assert 'dbops_pool_size{pool="dbops-sidecar"} 2.0' in body
         assert 'dbops_pool_checked_out{pool="dbops-sidecar-ready"}' in body
         assert running.get("/nope")[0] == 404
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool not found: install Debian's prometheus package"
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
         assert stop(running.process) == 0
         log = running.stderr()
         assert "stopping on SIGTERM" in log and "stopped" in log
