@@ -112,6 +112,9 @@ def pg_dump_command(
 
 
 def count_rows(connection: Connection, tables: list[tuple[str, str]]) -> dict[str, int]:
+    """Exact row counts. One backend only: the counts run beside pg_dump and must not take
+    the CPUs it needs with parallel workers."""
+    connection.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
     counts = {}
     for schema, table in tables:
         name = f"{quote_ident(schema)}.{quote_ident(table)}"
