@@ -157,3 +157,23 @@ def test_stopping_the_service_mid_dump_cancels_and_cleans_up(source: URL, tmp_pa
     assert sample(registry, "dbops_backup_in_progress") == 0.0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dbops-tmp-")] == []
     assert BackupDirectory(tmp_path).backups(str(source.database)) == []
+
+
+def test_scheduled_drill_records_its_result_in_manifest_and_metrics(
+    source: URL, tmp_path: Path
+) -> None:
+    settings = settings_for(source, tmp_path)
+    registry = CollectorRegistry()
+    service = BackupService(settings, registry)
+    service.verify_job()  # nothing to drill yet: counted as a failure, not a crash
+    assert sample(registry, "dbops_backup_verify_runs_total", result="failed") == 1.0
+    manifest = run_backup(settings)
+    service.verify_job()
+    assert sample(registry, "dbops_backup_verify_runs_total", result="ok") == 1.0
+    recorded = BackupDirectory(tmp_path).get(manifest.id)
+    assert recorded is not None and recorded.verified
+    drilled = recorded.last_success("drill")
+    assert drilled is not None
+    assert sample(registry, "dbops_backup_verify_last_success_timestamp_seconds") == pytest.approx(
+        drilled.timestamp()
+    )
