@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from datetime import UTC, datetime
 
 from apscheduler.schedulers.base import BaseScheduler
 from prometheus_client import CollectorRegistry
@@ -345,8 +345,6 @@ class ExporterService:
         self._started = time.monotonic()
 
     def start(self, scheduler: BaseScheduler) -> None:
-        from datetime import UTC, datetime
-
         scheduler.add_job(
             self.exporter.refresh,
             "interval",
@@ -369,14 +367,3 @@ class ExporterService:
 
     def stop(self) -> None:
         self.engine.dispose()
-
-
-def scrape_summary(exporter: ServerExporter) -> dict[str, Any]:
-    """The exporter's state as plain data (for logs and tests)."""
-    return {
-        "up": exporter.up,
-        "collectors": {
-            name: {"errors": state.errors, "failure": state.failure}
-            for name, state in exporter.states.items()
-        },
-    }
