@@ -18,7 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 from db.engine import create_engine
 from db.settings import load_db_settings
@@ -229,3 +232,73 @@ def test_alertmanager_inhibits_a_warning_while_the_same_alert_is_critical(
         ("warning", "inhibit-check:2"): "active",
     }
     assert wait_for(lambda: states() == expected, 15, interval=0.5), states()
+
+
+def test_recording_rules_compute_what_they_claim(live: LiveStack) -> None:
+    """Not just data: values in range and, for server saturation, equal to PostgreSQL's count."""
+    database = live.url.database
+    prometheus = live.prometheus
+
+    def value(expr: str) -> float:
+        result = prometheus.query(expr)
+        assert len(result) == 1, f"{expr}: {result}"
+        return float(result[0]["value"][1])
+
+    def settled() -> list[str]:
+        pool = f'{{pool="{APP_POOL}", operation="update"}}'
+        checks = {
+            f'pool:dbops_pool_utilisation:ratio{{pool="{APP_POOL}"}}': (0.0, 1.0),
+            f"pool_operation:dbops_query_duration_seconds:p95_5m{pool}": (1e-5, 1.0),
+            f'datname:dbops_pg_transactions:rate5m{{datname="{database}"}}': (1.0, 10_000.0),
+            f'datname:dbops_pg_blks_hit:ratio_rate5m{{datname="{database}"}}': (0.5, 1.0),
+            "instance:dbops_backup_age_seconds": (0.0, 900.0),
+            "instance:dbops_backup_verify_age_seconds": (0.0, 900.0),
+        }
+        problems = []
+        for expr, (low, high) in checks.items():
+            result = prometheus.query(expr)
+            if len(result) != 1 or not low <= float(result[0]["value"][1]) <= high:
+                problems.append(f"{expr} = {result}, expected within [{low}, {high}]")
+        return problems
+
+    assert not eventually(settled, 30)
+    assert value("dbops:database_growth_threshold_bytes_per_day") == 1073741824
+
+    # Connections of its own (the app pool is kept busy by the load): ten held open so the
+    # count is well above the pools' coming and going.
+    engine = sa_create_engine(live.url, poolclass=NullPool)
+    held = [engine.connect() for _ in range(10)]
+    try:
+        usable = (
+            held[0]
+            .execute(
+                text(
+                    "SELECT current_setting('max_connections')::int"
+                    " - current_setting('superuser_reserved_connections')::int"
+                )
+            )
+            .scalar_one()
+        )
+        assert value("dbops_pg_max_connections - dbops_pg_reserved_connections") == usable
+
+        def mismatch() -> list[str]:
+            clients = (
+                held[0]
+                .execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE backend_type = 'client backend'"
+                    )
+                )
+                .scalar_one()
+            )
+            implied = value("instance:dbops_pg_connections:saturation_ratio") * usable
+            if clients >= 14 and abs(implied - clients) <= 2.5:
+                return []
+            return [f"{implied} connections by the rule, {clients} in pg_stat_activity"]
+
+        assert not eventually(mismatch, 15)
+    finally:
+        for connection in held:
+            connection.close()
+        engine.dispose()
