@@ -72,6 +72,7 @@ demo:
 	@$(STACK) demo
 
 # End to end on real containers: builds the image, runs the stack under its own project name and
-# ports, and removes it afterwards. Needs a Docker engine; bounded to 15 minutes.
+# ports, and removes it afterwards. Needs a Docker engine. Bounded: after 15 minutes pytest is
+# interrupted, which still tears the stack down.
 e2e: $(STAMP)
-	DBOPS_E2E=1 $(BIN)/pytest -p no:cacheprovider tests/e2e
+	DBOPS_E2E=1 timeout --signal=INT --kill-after=120 900 $(BIN)/pytest -p no:cacheprovider tests/e2e

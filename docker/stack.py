@@ -301,10 +301,8 @@ def judge(service: str, state: dict[str, object] | None) -> str:
         if status == "exited":
             return "ok" if state["exit_code"] == 0 else "failed"
         return str(status)
-    if status in ("exited", "dead"):
-        return "failed"
-    if status == "restarting" or int(str(state["restarts"])) > 2:
-        return "failed" if int(str(state["restarts"])) > 2 else "restarting"
+    if status in ("exited", "dead") or int(str(state["restarts"])) > 2:
+        return "failed"  # stopped, or restarted over and over: it will not get better alone
     if status != "running":
         return str(status)
     if health in (None, "healthy"):
@@ -381,6 +379,8 @@ def cmd_ps(stack: Stack, args: argparse.Namespace) -> int:
 
 def cmd_logs(stack: Stack, args: argparse.Namespace) -> int:
     follow = ["--follow"] if args.follow else []
+    if not sys.stdout.isatty():
+        follow.append("--no-color")
     return stack.run_compose(
         "logs", *follow, "--tail=200", *args.services, profile=True, check=False
     )

@@ -1,0 +1,135 @@
+"""docker/stack.py, the logic behind `make up`: secrets on first run, refusals, compose command."""
+
+from __future__ import annotations
+
+import importlib.util
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_stack() -> Any:
+    spec = importlib.util.spec_from_file_location("dbops_stack", ROOT / "docker" / "stack.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stack = load_stack()
+
+
+def test_first_run_env_file_gets_private_generated_url_safe_secrets(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    generated = stack.create_env_file(path)
+
+    values = stack.read_env_file(path)
+    assert set(generated) == set(stack.SECRETS)
+    secrets = [values[name] for name in stack.SECRETS]
+    assert all(len(value) >= 24 and stack.URL_SAFE.match(value) for value in secrets)
+    assert len(set(secrets)) == len(secrets)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # everything else of the example is kept as it is
+    assert values["POSTGRES_DB"] == "dbops"
+    assert values["COMPOSE_PROJECT_NAME"] == "dbops"
+
+
+def test_an_existing_env_file_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text("POSTGRES_PASSWORD=chosen-by-the-operator\n")
+    with pytest.raises(FileExistsError):
+        stack.create_env_file(path)
+    assert path.read_text() == "POSTGRES_PASSWORD=chosen-by-the-operator\n"
+
+
+def test_up_refuses_missing_or_weak_secrets_naming_each_and_echoing_none(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    path.write_text(
+        "POSTGRES_PASSWORD=s3cret-value-one\nAPP_DB_PASSWORD=\nMONITOR_DB_PASSWORD=has@and:colon\n"
+        "BACKUP_DB_PASSWORD=b4ckup-secret\nADMIN_PASSWORD=short\n"
+    )
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path)})
+
+    with pytest.raises(stack.StackError) as caught:
+        the_stack.ensure_env_file()
+
+    message = str(caught.value)
+    assert caught.value.code == 2
+    for name in (
+        "APP_DB_PASSWORD",
+        "MONITOR_DB_PASSWORD",
+        "ADMIN_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+    ):
+        assert name in message
+    assert "POSTGRES_PASSWORD" not in message and "BACKUP_DB_PASSWORD" not in message
+    for secret in ("s3cret-value-one", "has@and:colon", "b4ckup-secret", "short"):
+        assert secret not in message
+
+
+def test_the_shell_environment_wins_over_the_env_file(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    path.write_text("OPS_PORT=9188\nCOMPOSE_PROJECT_NAME='from-file'\n")
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path), "OPS_PORT": "19188"})
+    assert the_stack.setting("OPS_PORT") == "19188"
+    assert the_stack.project == "from-file"
+
+
+def test_compose_command_names_project_env_file_and_publishes_postgres_only_when_asked(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stack.env"
+    path.write_text("COMPOSE_PROJECT_NAME=mine\n")
+    base = {"STACK_ENV_FILE": str(path), "COMPOSE": "docker-compose"}
+
+    private = stack.Stack(base).compose("up", "-d")
+    published = stack.Stack({**base, "POSTGRES_PUBLISH_PORT": "15432"}).compose("ps")
+
+    assert private[:3] == ["docker-compose", "--project-name", "mine"]
+    assert private[private.index("--env-file") + 1] == str(path)
+    assert private[-2:] == ["up", "-d"]
+    assert not any("postgres-port" in part for part in private)
+    assert str(ROOT / "docker" / "compose.postgres-port.yml") in published
+
+
+def test_stack_without_leaves_services_out_of_up() -> None:
+    the_stack = stack.Stack({"STACK_WITHOUT": "grafana, alertmanager"})
+    assert the_stack.services == ["postgres", "db-init", "ops", "prometheus"]
+
+
+@pytest.mark.parametrize(
+    ("service", "state", "verdict"),
+    [
+        ("db-init", {"status": "exited", "exit_code": 0, "health": None, "restarts": 0}, "ok"),
+        ("db-init", {"status": "exited", "exit_code": 1, "health": None, "restarts": 0}, "failed"),
+        (
+            "db-init",
+            {"status": "running", "exit_code": 0, "health": None, "restarts": 0},
+            "running",
+        ),
+        ("ops", {"status": "running", "exit_code": 0, "health": "healthy", "restarts": 0}, "ok"),
+        (
+            "ops",
+            {"status": "running", "exit_code": 0, "health": "starting", "restarts": 0},
+            "starting",
+        ),
+        ("ops", {"status": "exited", "exit_code": 0, "health": None, "restarts": 0}, "failed"),
+        (
+            "ops",
+            {"status": "restarting", "exit_code": 2, "health": None, "restarts": 1},
+            "restarting",
+        ),
+        (
+            "ops",
+            {"status": "running", "exit_code": 2, "health": "starting", "restarts": 3},
+            "failed",
+        ),
+        ("ops", None, "not created"),
+    ],
+)
+def test_wait_verdicts(service: str, state: dict[str, object] | None, verdict: str) -> None:
+    assert stack.judge(service, state) == verdict
