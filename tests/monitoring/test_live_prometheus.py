@@ -292,6 +292,7 @@ def test_recording_rules_compute_what_they_claim(live: LiveStack) -> None:
                 )
                 .scalar_one()
             )
+            held[0].rollback()  # pg_stat_activity is a snapshot per transaction
             implied = value("instance:dbops_pg_connections:saturation_ratio") * usable
             if clients >= 14 and abs(implied - clients) <= 2.5:
                 return []
