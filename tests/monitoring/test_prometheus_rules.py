@@ -31,8 +31,8 @@ def test_prometheus_config_is_valid() -> None:
     assert f"{len(rule_files())} rule files found" in result.stdout + result.stderr
 
 
-def test_rule_files_are_valid() -> None:
-    result = run([tool("promtool"), "check", "rules", *map(str, rule_files())])
+def test_rule_files_are_valid_without_duplicate_rules() -> None:
+    result = run([tool("promtool"), "check", "rules", "--lint-fatal", *map(str, rule_files())])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
