@@ -82,3 +82,15 @@ def test_every_dashboard_has_instance_and_pool_variables_where_used() -> None:
             assert variable["definition"].startswith("label_values("), variable["name"]
         seen |= set(variables)
     assert {"instance", "pool"} <= seen
+
+
+def test_panels_fit_the_grid_without_overlapping() -> None:
+    for name, board in dashboards().items():
+        cells: dict[tuple[int, int], str] = {}
+        for panel in board["panels"]:
+            grid = panel["gridPos"]
+            assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, (name, panel["title"])
+            for x in range(grid["x"], grid["x"] + grid["w"]):
+                for y in range(grid["y"], grid["y"] + grid["h"]):
+                    assert (x, y) not in cells, f"{name}: {panel['title']} overlaps {cells[x, y]}"
+                    cells[x, y] = panel["title"]
