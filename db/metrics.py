@@ -26,7 +26,7 @@ import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client import make_wsgi_app as _prometheus_wsgi_app
@@ -392,8 +392,11 @@ def make_wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., An
     return _prometheus_wsgi_app(REGISTRY if registry is None else registry)
 
 
-class Shutdown(Protocol):
-    def shutdown(self) -> None: ...
+def make_asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """The same for ASGI services (mount it at /metrics next to the service's own routes)."""
+    from prometheus_client import make_asgi_app as prometheus_asgi_app
+
+    return prometheus_asgi_app(REGISTRY if registry is None else registry)
 
 
 class MetricsServer:

@@ -84,3 +84,35 @@ def test_engines_without_a_queue_pool_still_export_query_metrics() -> None:
     text = generate_latest(registry).decode()
     assert 'dbops_pool_size{pool="n"}' not in text
     assert 'dbops_pool_connects_total{pool="n"} 0.0' in text
+
+
+def test_wsgi_and_asgi_apps_serve_the_registry_without_a_socket() -> None:
+    import asyncio
+
+    from db.metrics import make_asgi_app, make_wsgi_app
+
+    registry = CollectorRegistry()
+    engine = create_engine(URL, connect_args={"application_name": "web"}, pool_size=5)
+    instrument(engine, registry)
+    statuses: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": ""}
+    body = b"".join(make_wsgi_app(registry)(environ, lambda s, h: statuses.append(s)))
+    assert statuses == ["200 OK"] and b'dbops_pool_size{pool="web"} 5.0' in body
+
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/metrics", "query_string": b"",
+             "headers": []}  # fmt: skip
+    asyncio.run(make_asgi_app(registry)(scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert b'dbops_pool_size{pool="web"} 5.0' in b"".join(
+        m.get("body", b"")
+        for m in sent[1:]  # type: ignore[misc]
+    )
+    engine.dispose()
