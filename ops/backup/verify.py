@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 from sqlalchemy import text
 
-from ops.backup.lock import DirectoryLock, manifest_lock
+from ops.backup.lock import DirectoryLock, LockHeld, manifest_lock
 from ops.backup.manifest import (
     BackupDirectory,
     Manifest,
@@ -184,14 +184,21 @@ def _compare_counts(settings: Settings, scratch: str, manifest: Manifest) -> tup
 
 
 def record(store: BackupDirectory, backup_id: str, verification: Verification) -> None:
-    """Append to the manifest unless retention deleted the backup meanwhile."""
-    with manifest_lock(store.root, "backup verify"):
-        current = store.get(backup_id)
-        if current is None:
-            log.warning("backup %s vanished before its verification was recorded", backup_id)
-            return
-        current.verifications.append(verification)
-        store.write(current)
+    """Append to the manifest unless retention deleted the backup meanwhile.
+
+    A read-only backup directory (a restore host mounting the backups) still gets its answer;
+    only the record is lost, and the log says so.
+    """
+    try:
+        with manifest_lock(store.root, "backup verify"):
+            current = store.get(backup_id)
+            if current is None:
+                log.warning("backup %s vanished before its verification was recorded", backup_id)
+                return
+            current.verifications.append(verification)
+            store.write(current)
+    except (OSError, LockHeld) as exc:
+        log.warning("verification of %s not recorded in its manifest: %s", backup_id, exc)
 
 
 def resolve(settings: Settings, backup_id: str | None) -> Manifest:

@@ -166,7 +166,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         manifest = resolve(settings, args.id)
         verification = drill(settings, manifest) if args.drill else check(settings, manifest)
-    except (VerifyError, LockHeld) as problem:
+    except (VerifyError, LockHeld, OSError) as problem:
         return _fail(f"verify failed: {problem}")
     if args.json:
         print(json.dumps({"id": manifest.id, **vars(verification)}, indent=2))

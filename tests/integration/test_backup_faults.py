@@ -135,11 +135,18 @@ def test_full_backup_directory_fails_clearly_and_keeps_older_backups(
     assert check(settings, older).ok
 
 
-def test_read_only_backup_directory_is_a_clear_error(migrated_db: URL, small_tmpfs: Path) -> None:
+def test_read_only_backup_directory_fails_runs_clearly_and_still_verifies(
+    migrated_db: URL, small_tmpfs: Path
+) -> None:
+    older = run_backup(settings_for(migrated_db, small_tmpfs))
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     failed = ops(migrated_db, small_tmpfs, "backup", "run")
     assert failed.returncode == 1
     assert "not usable" in failed.stderr and "Read-only file system" in failed.stderr
+    checked = ops(migrated_db, small_tmpfs, "backup", "verify", older.id)
+    assert checked.returncode == 0, checked.stderr
+    assert "checksum ok" in checked.stdout
+    assert "not recorded in its manifest" in checked.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
