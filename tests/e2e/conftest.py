@@ -31,6 +31,8 @@ import yaml
 from tests.pgcluster import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# Every stack the suite starts has a project name with this prefix, and nothing else has.
+PROJECT_PREFIX = "dbopse2e"
 FIGURES: dict[str, str] = {}
 
 
@@ -55,7 +57,7 @@ class Stack:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.project = f"dbopse2e{secrets.token_hex(3)}"
+        self.project = f"{PROJECT_PREFIX}{secrets.token_hex(3)}"
         self.ports = {
             name: free_port()
             for name in ("OPS_PORT", "PROMETHEUS_PORT", "ALERTMANAGER_PORT", "WORKLOAD_PORT")
@@ -71,7 +73,8 @@ class Stack:
             "STACK_WITHOUT": "grafana",  # no image for it on machines without a registry
             "STACK_COMPOSE_FILES": "tests/e2e/compose.e2e.yml",
             "STACK_WAIT_TIMEOUT": "240",
-            "DBOPS_IMAGE": f"dbops:{self.project}",
+            # a tag of its own, never the operator's dbops:local; kept afterwards as build cache
+            "DBOPS_IMAGE": "dbops:e2e",
             "E2E_PROMETHEUS_CONFIG": str(prometheus_config),
             "GRAFANA_PORT": str(free_port()),
             **{name: str(port) for name, port in self.ports.items()},
@@ -186,13 +189,8 @@ class Stack:
         return f"logs saved in {self.log_dir}\n{states}\n" + "\n".join(tails)
 
     def remove(self) -> None:
-        """Everything the suite made: containers, volumes, network, its image tag."""
+        """Everything the suite started: containers, volumes, network (the image stays)."""
         self.stack("down", "--volumes", timeout=180)
-        subprocess.run(
-            ["docker", "image", "rm", "-f", self.env["DBOPS_IMAGE"]],
-            capture_output=True,
-            check=False,
-        )
 
 
 def stack_module() -> Any:
@@ -233,10 +231,48 @@ def seconds_in(output: str, pattern: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def remove_leftovers() -> None:
+    """Containers, volumes and networks of earlier runs killed before they could tear down."""
+    label = "com.docker.compose.project"
+    for kind, labels_field in (
+        ("container", "Config.Labels"),
+        ("volume", "Labels"),
+        ("network", "Labels"),
+    ):
+        listed = ["docker", kind, "ls", "-q", "--filter", f"label={label}"]
+        if kind == "container":
+            listed.append("--all")
+        items = subprocess.run(listed, capture_output=True, text=True, check=False).stdout.split()
+        if not items:
+            continue
+        projects = subprocess.run(
+            [
+                "docker",
+                kind,
+                "inspect",
+                "--format",
+                f'{{{{index .{labels_field} "{label}"}}}}',
+                *items,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.splitlines()
+        stale = [
+            item
+            for item, project in zip(items, projects, strict=False)
+            if project.startswith(PROJECT_PREFIX)
+        ]
+        if stale:
+            force = ["-f"] if kind == "container" else []
+            subprocess.run(["docker", kind, "rm", *force, *stale], capture_output=True, check=False)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if shutil.which("docker") is None:
         pytest.fail("make e2e needs Docker: the docker command is not installed")
+    remove_leftovers()
     workdir = tmp_path_factory.mktemp("stack")
     workdir.chmod(0o755)
     the_stack = Stack(workdir)
