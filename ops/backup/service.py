@@ -24,7 +24,7 @@ from ops.backup.manifest import BackupDirectory, Manifest
 from ops.backup.metrics import BackupCollector, BackupCounters
 from ops.backup.prune import prune
 from ops.backup.runner import BackupCancelled, BackupError, run_backup
-from ops.backup.verify import VerifyError, drill, resolve
+from ops.backup.verify import DrillCancelled, VerifyError, drill, resolve
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class BackupService:
         self.store = BackupDirectory(settings.backup.directory)
         self.counters = BackupCounters(registry)
         self._cancel = threading.Event()
-        self._running = 0
+        self._running = 0  # backup runs in progress
+        self._drilling = 0  # restore drills in progress
         self._running_lock = threading.Lock()
         self._scheduler: BaseScheduler | None = None
         self._started = time.time()
@@ -112,10 +113,11 @@ class BackupService:
         return []
 
     def stop(self) -> None:
-        """Stop a running dump (pg_dump terminated, temporaries removed) and wait for that."""
+        """Stop a running dump or drill (child terminated, temporaries and scratch database
+        removed) and wait for that."""
         self._cancel.set()
         deadline = time.monotonic() + STOP_WAIT
-        while self._running and time.monotonic() < deadline:
+        while (self._running or self._drilling) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -152,15 +154,22 @@ class BackupService:
             log.exception("retention after backup %s failed", manifest.id)
 
     def verify_job(self) -> None:
+        with self._running_lock:
+            self._drilling += 1
         try:
-            verification = drill(self.settings, resolve(self.settings, None))
+            verification = drill(self.settings, resolve(self.settings, None), self._cancel)
             self.counters.verifications.labels("ok" if verification.ok else "failed").inc()
+        except DrillCancelled as cancelled:
+            log.warning("%s", cancelled)
         except (VerifyError, LockHeld) as problem:
             self.counters.verifications.labels("failed").inc()
             log.error("restore drill not run: %s", problem)
         except Exception:
             self.counters.verifications.labels("failed").inc()
             log.exception("restore drill failed unexpectedly")
+        finally:
+            with self._running_lock:
+                self._drilling -= 1
 
     # -- state for metrics --------------------------------------------------------------------
     def in_progress(self) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -46,6 +48,10 @@ DRILL_LOCK = ".dbops-drill.lock"
 
 class VerifyError(Exception):
     """The backup to verify does not exist or is not a good backup."""
+
+
+class DrillCancelled(Exception):
+    """Stopped from outside; not a verdict on the backup, so nothing is recorded."""
 
 
 def scratch_database(backup_id: str) -> str:
@@ -97,7 +103,9 @@ def check(settings: Settings, manifest: Manifest) -> Verification:
     return verification
 
 
-def drill(settings: Settings, manifest: Manifest) -> Verification:
+def drill(
+    settings: Settings, manifest: Manifest, cancel: threading.Event | None = None
+) -> Verification:
     """Restore into ``dbops_verify_<id>``, compare row counts, drop it; recorded in the manifest."""
     store = BackupDirectory(settings.backup.directory)
     # Two drills of one backup would share (and drop) one scratch database.
@@ -107,7 +115,9 @@ def drill(settings: Settings, manifest: Manifest) -> Verification:
         detail = ""
         if not problems:
             try:
-                problems, detail = _restore_and_compare(settings, store, manifest)
+                problems, detail = _restore_and_compare(settings, store, manifest, cancel)
+            except DrillCancelled:
+                raise
             except Exception as exc:  # the drill reports; it never crashes the scheduler
                 problems = [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"]
     verification = Verification(
@@ -129,14 +139,28 @@ def drill(settings: Settings, manifest: Manifest) -> Verification:
 
 
 def _restore_and_compare(
-    settings: Settings, store: BackupDirectory, manifest: Manifest
+    settings: Settings,
+    store: BackupDirectory,
+    manifest: Manifest,
+    cancel: threading.Event | None,
 ) -> tuple[list[str], str]:
     tool = find_tool("pg_restore", settings.backup.bindir)
     scratch = scratch_database(manifest.id)
     admin = backup_engine(settings.db, application_name="dbops-verify")
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {quote_ident(scratch)} WITH (FORCE)"))
+            # Scratch databases of earlier drills that were killed before they could drop them:
+            # only names derived from this directory's backup ids, so no one else's.
+            ours = {scratch_database(m.id) for m in store.manifests()} | {scratch}
+            existing = connection.execute(
+                text("SELECT datname FROM pg_database WHERE datname LIKE :prefix"),
+                {"prefix": SCRATCH_PREFIX + "%"},
+            ).scalars()
+            for leftover in sorted(set(existing) & ours):
+                log.info("dropping scratch database %s left by an interrupted drill", leftover)
+                connection.execute(
+                    text(f"DROP DATABASE IF EXISTS {quote_ident(leftover)} WITH (FORCE)")
+                )
             connection.execute(text(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE template0"))
         try:
             command = [
@@ -148,9 +172,9 @@ def _restore_and_compare(
                 str(store.data_path(manifest)),
             ]
             env = libpq_env(settings.db.url.set(database=scratch), "dbops-verify")
-            result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                return [f"pg_restore failed: {first_error_line(result.stderr)}"], ""
+            code, stderr = _run_cancellable(command, env, cancel)
+            if code != 0:
+                return [f"pg_restore failed: {first_error_line(stderr)}"], ""
             return _compare_counts(settings, scratch, manifest)
         finally:
             with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
@@ -159,6 +183,29 @@ def _restore_and_compare(
                 )
     finally:
         admin.dispose()
+
+
+def _run_cancellable(
+    command: list[str], env: dict[str, str], cancel: threading.Event | None
+) -> tuple[int, str]:
+    """pg_restore that a stopping sidecar can interrupt, so the scratch database still drops."""
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise DrillCancelled("restore drill cancelled: the service is stopping")
+                try:
+                    code = process.wait(0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
+        stderr.seek(0)
+        return code, stderr.read().decode("utf-8", "replace")
 
 
 def _compare_counts(settings: Settings, scratch: str, manifest: Manifest) -> tuple[list[str], str]:

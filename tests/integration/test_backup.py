@@ -8,6 +8,7 @@ import os
 import pty
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from sqlalchemy.engine import URL
 from ops.backup.manifest import BackupDirectory
 from ops.backup.prune import prune
 from ops.backup.runner import run_backup
-from ops.backup.verify import SCRATCH_PREFIX, drill
+from ops.backup.verify import SCRATCH_PREFIX, DrillCancelled, drill, scratch_database
 from tests.conftest import Server, env_for
 from tests.integration.backup_helpers import REPO, data_only_dump, ops, populate, settings_for
 
@@ -301,3 +302,45 @@ def test_restore_shows_progress_on_a_terminal(pg: Server, source: URL, tmp_path:
     total = shown.decode().rsplit("[", 1)[-1].split("]")[0]
     assert b"\r\x1b[K[1/" in shown
     assert f"[{total}]".encode() in shown and total.split("/")[0] == total.split("/")[1]
+
+
+def _scratch_databases(pg: Server) -> list[str]:
+    engine = create_engine(pg.admin_url)
+    with engine.connect() as connection:
+        names = connection.execute(
+            text("SELECT datname FROM pg_database WHERE datname LIKE :p ORDER BY 1"),
+            {"p": SCRATCH_PREFIX + "%"},
+        ).scalars()
+        found = list(names)
+    engine.dispose()
+    return found
+
+
+def test_drill_drops_scratch_databases_left_by_killed_drills_of_our_backups_only(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    settings = settings_for(source, tmp_path)
+    older, newer = run_backup(settings), run_backup(settings)
+    theirs = scratch_database("20200101T000000Z-abcdef")  # another directory's backup
+    pg.execute(f'CREATE DATABASE "{scratch_database(older.id)}"')
+    pg.execute(f'CREATE DATABASE "{theirs}"')
+    try:
+        assert drill(settings, newer).ok
+        assert _scratch_databases(pg) == [theirs]
+    finally:
+        pg.drop_database(theirs)
+        pg.drop_database(scratch_database(older.id))
+
+
+def test_cancelled_drill_drops_its_scratch_database_and_records_no_verdict(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    settings = settings_for(source, tmp_path)
+    manifest = run_backup(settings)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(DrillCancelled):
+        drill(settings, manifest, cancel)
+    assert _scratch_databases(pg) == []
+    recorded = BackupDirectory(tmp_path).get(manifest.id)
+    assert recorded is not None and recorded.verifications == []
