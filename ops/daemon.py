@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from sqlalchemy import exc
 from sqlalchemy.engine import Engine
 
@@ -127,6 +127,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # the sidecar's own CPU, memory, open fds
         self.alerts = AlertReceiver()
         self.registry.register(self.alerts)
         self.readiness = Readiness(settings, self.registry)
@@ -174,9 +175,10 @@ class Daemon:
 
     def run(self) -> int:
         sidecar = self.settings.sidecar
+        previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self.request_stop)
         try:
             try:
                 app = SidecarApp(self.registry, self.health, self.readiness.check, self.alerts)
@@ -195,7 +197,11 @@ class Daemon:
                 next_run_time=datetime.now(UTC),
             )
             for component in self.components:
-                component.start(self.scheduler)
+                try:
+                    component.start(self.scheduler)
+                except Exception as error:  # fail fast and plainly; the supervisor restarts us
+                    log.error("starting %s failed: %s", component.name, error)
+                    return 1
             self.http.start()
             log.info(
                 "serving /metrics /healthz /readyz /alerts on %s:%d (%s)",
@@ -209,6 +215,8 @@ class Daemon:
             return 0
         finally:
             self._shutdown()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _shutdown(self) -> None:
         steps: list[tuple[str, Any]] = []

@@ -333,6 +333,7 @@ class ExporterService:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         sidecar = settings.sidecar
         self.ttl = sidecar.collector_ttl
+        self.lock_timeout = sidecar.lock_timeout
         self.engine = exporter_engine(settings)
         instrument(self.engine, registry)
         self.exporter = ServerExporter(
@@ -345,6 +346,13 @@ class ExporterService:
         self._started = time.monotonic()
 
     def start(self, scheduler: BaseScheduler) -> None:
+        log.info(
+            "exporter connects to %s (pool of %d, statement timeout %gs, lock timeout %gs)",
+            self.engine.url.render_as_string(hide_password=True),
+            self.engine.pool.size(),  # type: ignore[attr-defined]
+            self.exporter.timeout,
+            self.lock_timeout,
+        )
         scheduler.add_job(
             self.exporter.refresh,
             "interval",

@@ -249,3 +249,34 @@ def test_starts_and_stays_live_while_the_database_is_unreachable() -> None:
         log = running.stderr()
     assert "secret-pw" not in log and "Traceback" not in log
     assert log.count("database unreachable") == 1
+
+
+def test_a_component_that_cannot_start_stops_the_daemon_with_exit_1(
+    migrated_db: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from ops.daemon import Daemon
+    from ops.settings import load_settings
+
+    class Broken:
+        name = "broken"
+        stopped = False
+
+        def start(self, scheduler: object) -> None:
+            raise RuntimeError("BACKUP_DIR is not writable")
+
+        def health_problems(self) -> list[str]:
+            return []
+
+        def stop(self) -> None:
+            Broken.stopped = True
+
+    port = free_port()
+    env = env_for(migrated_db, OPS_LISTEN=f"127.0.0.1:{port}")
+    handler = signal.getsignal(signal.SIGTERM)
+    daemon = Daemon(load_settings(env), CollectorRegistry(), components=[Broken()])  # type: ignore[list-item]
+    assert daemon.run() == 1
+    assert Broken.stopped and not daemon.scheduler.running
+    assert "starting broken failed: BACKUP_DIR is not writable" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handlers are restored
