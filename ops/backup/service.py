@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 BACKUP_JOB, VERIFY_JOB = "dbops-backup", "dbops-backup-verify"
 MISFIRE_GRACE = 3600  # seconds a run may start late before it is skipped
 STOP_WAIT = 20.0  # seconds shutdown waits for a cancelled dump to clean up
+RETRY_JOB = "dbops-backup-retry"
+RETRY_DELAY = 600.0  # seconds between a failed run and its retry
+MAX_RETRIES = 3  # consecutive retries; the schedule takes over after that
 
 
 def schedule_interval(trigger: CronTrigger, now: datetime) -> timedelta:
@@ -57,6 +60,7 @@ class BackupService:
         self._cancel = threading.Event()
         self._running = 0  # backup runs in progress
         self._drilling = 0  # restore drills in progress
+        self._retries = 0  # consecutive retries of a failed run
         self._running_lock = threading.Lock()
         self._scheduler: BaseScheduler | None = None
         self._started = time.time()
@@ -124,12 +128,15 @@ class BackupService:
     def backup_job(self) -> None:
         with self._running_lock:
             self._running += 1
+        failed = True
         try:
             run_backup(self.settings, cancel=self._cancel, after_success=self._retention)
             self.counters.runs.labels("ok").inc()
+            failed = False
         except LockHeld as held:
             self.counters.runs.labels("locked").inc()
             log.warning("scheduled backup skipped: %s", held)
+            failed = False  # the holder is taking the backup
         except BackupCancelled as cancelled:
             self.counters.runs.labels("failed").inc()
             log.warning("%s", cancelled)
@@ -142,6 +149,28 @@ class BackupService:
         finally:
             with self._running_lock:
                 self._running -= 1
+        self._after_run(failed)
+
+    def _after_run(self, failed: bool) -> None:
+        """A failed run is retried a few times, RETRY_DELAY apart, rather than waiting a whole
+        schedule interval (a day, by default) with no backup."""
+        if not failed:
+            self._retries = 0
+            return
+        if self._scheduler is None or self._cancel.is_set() or self._retries >= MAX_RETRIES:
+            return
+        self._retries += 1
+        when = datetime.now(UTC) + timedelta(seconds=RETRY_DELAY)
+        log.info("retrying the backup at %s (retry %d of %d)", when, self._retries, MAX_RETRIES)
+        self._scheduler.add_job(
+            self.backup_job,
+            "date",
+            run_date=when,
+            id=RETRY_JOB,
+            name="backup retry",
+            misfire_grace_time=MISFIRE_GRACE,
+            replace_existing=True,
+        )
 
     def _retention(self, manifest: Manifest) -> None:
         """Runs under the run lock right after a good backup; never fails the backup."""

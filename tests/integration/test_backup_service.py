@@ -17,10 +17,10 @@ from sqlalchemy.engine import URL
 from ops.backup.lock import DirectoryLock
 from ops.backup.manifest import BackupDirectory, format_time
 from ops.backup.runner import run_backup
-from ops.backup.service import BACKUP_JOB, BackupService
+from ops.backup.service import BACKUP_JOB, MAX_RETRIES, RETRY_JOB, BackupService
 from ops.settings import Settings
 from tests.integration.backup_helpers import populate, settings_for
-from tests.pgcluster import wait_for
+from tests.pgcluster import free_port, wait_for
 
 
 @pytest.fixture
@@ -177,3 +177,33 @@ def test_scheduled_drill_records_its_result_in_manifest_and_metrics(
     assert sample(registry, "dbops_backup_verify_last_success_timestamp_seconds") == pytest.approx(
         drilled.timestamp()
     )
+
+
+def test_failed_run_is_retried_a_few_times_then_left_to_the_schedule(tmp_path: Path) -> None:
+    nowhere = URL.create(
+        "postgresql+psycopg2",
+        username="u",
+        password="p",
+        host="127.0.0.1",
+        port=free_port(),
+        database="gone",
+    )
+    settings = settings_for(nowhere, tmp_path, DB_CONNECT_TIMEOUT="1")
+    registry = CollectorRegistry()
+    service = BackupService(settings, registry)
+    scheduler = BackgroundScheduler(timezone=UTC)  # never started: jobs only get planned
+    service.start(scheduler)
+    before = datetime.now(UTC)
+    service.backup_job()
+    retry = scheduler.get_job(RETRY_JOB)
+    assert retry is not None
+    assert timedelta(minutes=9) < retry.trigger.run_date - before < timedelta(minutes=11)
+    for _ in range(MAX_RETRIES + 2):
+        if scheduler.get_job(RETRY_JOB) is not None:
+            scheduler.remove_job(RETRY_JOB)  # as if it had run
+        service.backup_job()
+    assert sample(registry, "dbops_backup_runs_total", result="failed") == MAX_RETRIES + 3
+    assert scheduler.get_job(RETRY_JOB) is None  # retries used up: the cron schedule remains
+    assert scheduler.get_job(BACKUP_JOB) is not None
+    failed = BackupDirectory(tmp_path).manifests()
+    assert failed and all(not m.ok and "database error" in (m.error or "") for m in failed)
