@@ -1,10 +1,12 @@
 """The sidecar's backup component: scheduled runs, retention after success, restore drills.
 
 Jobs run on the daemon's scheduler in UTC, one instance at a time, coalescing missed runs and
-accepting a run up to ``MISFIRE_GRACE`` late (a sidecar restarted at 03:20 still takes the 03:00
-backup). At start, a backup older than one schedule interval triggers a run at once, so a sidecar
-that was down over its slot does not wait another day. Every job catches its own failures: they
-become log lines and metrics, never a dead scheduler thread.
+accepting a run up to ``MISFIRE_GRACE`` late (a busy executor or a suspended host delays a run;
+it should not cancel it). The scheduler keeps no state across restarts, so at start a backup
+older than one schedule interval triggers a run at once: a sidecar that was down over its slot
+does not wait another day. A failed run is retried a few times, ten minutes apart, for the same
+reason. Every job catches its own failures: they become log lines and metrics, never a dead
+scheduler thread.
 """
 
 from __future__ import annotations
