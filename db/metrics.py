@@ -21,6 +21,7 @@ bisect and one uncontended lock, not prometheus_client's per-bucket locks.
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 import weakref
 from bisect import bisect_left
@@ -76,10 +77,31 @@ class Histogram:
             return list(self.counts), self.total
 
 
+_VERBS = ("select", "insert", "update", "delete")
+_LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
+_WORD = re.compile(r"[A-Za-z_]+")
+_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[()]|[A-Za-z_][A-Za-z_0-9]*")
+
+
 def classify(statement: str) -> str:
-    """The operation of a statement from its first keyword (``WITH ...`` counts as other)."""
-    word = statement.lstrip(" \t\r\n(").split(None, 1)[0].lower() if statement.strip() else ""
-    return word if word in ("select", "insert", "update", "delete") else "other"
+    """The operation of a statement: its first keyword, or for ``WITH ...`` the verb of the
+    statement that follows the common table expressions. Runs once per distinct SQL string."""
+    text = _LEADING_COMMENTS.sub("", statement, count=1).lstrip("(")
+    first = _WORD.match(text)
+    word = first.group(0).lower() if first else ""
+    if word in _VERBS:
+        return word
+    if word != "with":
+        return "other"
+    depth = 0
+    for token in _TOKENS.findall(text):
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+        elif depth == 0 and (verb := str(token).lower()) in _VERBS:
+            return verb
+    return "other"
 
 
 class EngineMetrics:

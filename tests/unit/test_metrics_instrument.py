@@ -23,7 +23,18 @@ def test_classify_uses_first_keyword_case_insensitively() -> None:
     assert classify("(select 1) union (select 2)") == "select"
     assert classify("UPDATE t SET a = 1") == "update"
     assert classify("delete from t") == "delete"
-    assert classify("WITH x AS (SELECT 1) SELECT * FROM x") == "other"
+    assert classify("WITH x AS (SELECT 1) SELECT * FROM x") == "select"
+    assert (
+        classify("with recursive t(n) as (select 1 union select n + 1 from t) select n") == "select"
+    )
+    assert (
+        classify("WITH moved AS (DELETE FROM a RETURNING *) INSERT INTO b SELECT * FROM moved")
+        == "insert"
+    )
+    assert classify("WITH \"select\" AS (SELECT 'update') UPDATE t SET a = 1") == "update"
+    assert classify("/* job 7 */ -- note\n  DELETE FROM t") == "delete"
+    assert classify("SELECTED") == "other"
+    assert classify("SELECT*FROM t") == "select"
     assert classify("BEGIN") == "other"
     assert classify("   ") == "other"
 
