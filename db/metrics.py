@@ -86,7 +86,7 @@ _TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[()]|[A-Za-z_][A-Za-z_
 def classify(statement: str) -> str:
     """The operation of a statement: its first keyword, or for ``WITH ...`` the verb of the
     statement that follows the common table expressions. Runs once per distinct SQL string."""
-    text = _LEADING_COMMENTS.sub("", statement, count=1).lstrip("(")
+    text = _LEADING_COMMENTS.sub("", statement, count=1).lstrip("( \t\r\n")
     first = _WORD.match(text)
     word = first.group(0).lower() if first else ""
     if word in _VERBS:

@@ -20,7 +20,7 @@ URL = "postgresql+psycopg2://u@127.0.0.1:1/x"
 def test_classify_uses_first_keyword_case_insensitively() -> None:
     assert classify("SELECT 1") == "select"
     assert classify("\n  insert into t values (1)") == "insert"
-    assert classify("(select 1) union (select 2)") == "select"
+    assert classify("( select 1) union (select 2)") == "select"
     assert classify("UPDATE t SET a = 1") == "update"
     assert classify("delete from t") == "delete"
     assert classify("WITH x AS (SELECT 1) SELECT * FROM x") == "select"
