@@ -91,7 +91,8 @@ class Manifest:
     @property
     def started(self) -> datetime:
         moment = parse_time(self.started_at)
-        assert moment is not None
+        if moment is None:
+            raise ValueError(f"manifest {self.id} has no started_at")
         return moment
 
     @property
@@ -174,7 +175,11 @@ class BackupDirectory:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("tool") != "dbops":
                 return None
-            return Manifest.from_dict(data)
+            manifest = Manifest.from_dict(data)
+            # Every reader sorts and buckets by these; a hand-edited bad value skips the file
+            # instead of breaking every listing and scrape.
+            _ = manifest.started, manifest.finished
+            return manifest
         except (OSError, ValueError, TypeError):
             return None
 

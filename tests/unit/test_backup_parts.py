@@ -165,6 +165,7 @@ def test_only_good_manifests_of_the_database_with_data_count_as_backups(tmp_path
     (tmp_path / "20260105T030000Z-eeeeee.json").write_text(json.dumps({"id": "x"}))  # foreign
     (tmp_path / "notes.json").write_text("{}")
     (tmp_path / "20260106T030000Z-ffffff.json").write_text("{ truncated")
+    _manifest(store, "20260107T030000Z-777777", started_at="yesterday-ish")
     assert [m.id for m in store.backups("app")] == ["20260101T030000Z-aaaaaa"]
     assert [m.id for m in store.backups("other")] == ["20260103T030000Z-cccccc"]
 
