@@ -7,6 +7,7 @@ only the run counters are in-process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
@@ -16,6 +17,8 @@ from prometheus_client.registry import Collector
 
 from ops.backup.manifest import BackupDirectory, Manifest
 from ops.settings import Settings
+
+log = logging.getLogger(__name__)
 
 RUN_RESULTS = ("ok", "failed", "locked")
 VERIFY_RESULTS = ("ok", "failed")
@@ -58,8 +61,12 @@ class BackupCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         database = self.settings.db.database
-        records = [m for m in self.store.manifests() if m.database == database]
-        good = self.store.backups(database)
+        try:
+            records = [m for m in self.store.manifests() if m.database == database]
+            good = self.store.backups(database)
+        except OSError as error:  # an unreadable BACKUP_DIR must not take /metrics down with it
+            log.warning("cannot read backup manifests in %s: %s", self.store.root, error)
+            records, good = [], []
         newest: Manifest | None = good[-1] if good else None
         failures = [m for m in records if not m.ok]
 
