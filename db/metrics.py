@@ -157,7 +157,7 @@ class EngineMetrics:
             started = perf_counter()
             try:
                 result = execute(cursor, statement, *args)
-            except BaseException:
+            except Exception:
                 self.count_query_error(operation(statement))
                 raise
             elapsed = perf_counter() - started
