@@ -445,3 +445,56 @@ def test_a_real_scrape_passes_promtool_check_metrics(
         [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_concurrent_scrapes_of_a_slow_server_never_pile_up_connections(
+    migrated_db: URL, admin: Engine
+) -> None:
+    class Slow:
+        name = "slow"
+        cached = False
+
+        def collect(self, connection: Connection, options: Options) -> list[object]:
+            connection.exec_driver_sql("SELECT pg_sleep(0.4)")
+            return []
+
+    settings = sidecar_settings(migrated_db, OPS_APPLICATION_NAME="pileup", OPS_QUERY_TIMEOUT="1s")
+    from ops.collectors.exporter import exporter_engine
+
+    engine = exporter_engine(settings)
+    exporter = ServerExporter(engine, collectors=[Slow()], timeout=1.0)  # type: ignore[list-item]
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    durations: list[float] = []
+    peak = [0]
+    stop = threading.Event()
+
+    def scrape() -> None:
+        for _ in range(3):
+            started = time.monotonic()
+            generate_latest(registry)
+            durations.append(time.monotonic() - started)
+
+    def watch() -> None:
+        while not stop.is_set():
+            count = scalar(
+                admin, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pileup'"
+            )
+            peak[0] = max(peak[0], int(count))  # type: ignore[call-overload]
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    scrapers = [threading.Thread(target=scrape) for _ in range(6)]
+    try:
+        for thread in scrapers:
+            thread.start()
+        for thread in scrapers:
+            thread.join(60)
+    finally:
+        stop.set()
+        watcher.join()
+        engine.dispose()
+    assert len(durations) == 18
+    assert peak[0] == 1  # scrapes are serialized on one connection of the pool of 2
+    assert max(durations) < exporter.deadline + exporter.timeout + 1, durations
