@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,11 @@ def validate_cron(expression: str) -> str | None:
     if len(expression.split()) != 5:
         return "must be a 5-field cron expression (minute hour day month weekday), e.g. '0 3 * * *'"
     try:
-        CronTrigger.from_crontab(expression, timezone=UTC)
+        trigger = CronTrigger.from_crontab(expression, timezone=UTC)
     except ValueError as exc:
         return f"invalid cron expression: {exc}"
+    if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+        return "never fires (no such date)"
     return None
 
 

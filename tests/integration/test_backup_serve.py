@@ -111,3 +111,27 @@ def test_serve_healthz_fails_when_newest_backup_is_older_than_max_age(
     with serving(migrated_db, tmp_path, BACKUP_MAX_AGE="1h") as port:
         status, body = get(port, "/healthz")
         assert status == 200, body
+
+
+def test_serve_with_an_invalid_backup_schedule_exits_2_at_start(
+    migrated_db: URL, tmp_path: Path
+) -> None:
+    env = env_for(
+        migrated_db,
+        BACKUP_DIR=str(tmp_path),
+        OPS_LISTEN=f"127.0.0.1:{free_port()}",
+        BACKUP_SCHEDULE="0 3 * *",
+        BACKUP_VERIFY_SCHEDULE="30 4 31 2 *",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "serve"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "BACKUP_SCHEDULE '0 3 * *': must be a 5-field cron expression" in done.stderr
+    assert "BACKUP_VERIFY_SCHEDULE '30 4 31 2 *': never fires" in done.stderr
+    assert list(tmp_path.iterdir()) == []

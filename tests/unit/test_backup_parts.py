@@ -27,7 +27,7 @@ from ops.backup.pgtools import ClientTool, ToolError, check_client_version, libp
 from ops.backup.runner import compression_args, pg_dump_command
 from ops.backup.service import needs_catch_up, schedule_interval
 from ops.backup.verify import scratch_database
-from ops.settings import BackupSettings, load_settings
+from ops.settings import BackupSettings, load_settings, validate_cron
 
 SECRET = "s3cr3t-Pa55"
 PG15 = ClientTool("pg_dump", "/usr/bin/pg_dump", "pg_dump (PostgreSQL) 15.18", 15)
@@ -123,6 +123,23 @@ def test_invalid_backup_schedule_is_a_config_error_naming_the_variable() -> None
     problems = "\n".join(caught.value.problems)
     assert "BACKUP_SCHEDULE '0 25 * * *': invalid cron" in problems
     assert "BACKUP_VERIFY_SCHEDULE daily" in problems
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("0 3 31 2 *", "never fires"),
+        ("0 3 * *", "5-field"),
+        ("61 * * * *", "invalid cron expression"),
+    ],
+)
+def test_cron_that_cannot_run_is_rejected(expression: str, reason: str) -> None:
+    problem = validate_cron(expression)
+    assert problem is not None and reason in problem
+
+
+def test_leap_day_cron_is_accepted() -> None:
+    assert validate_cron("0 3 29 2 *") is None
 
 
 def test_backup_ids_sort_by_time() -> None:
