@@ -270,14 +270,3 @@ def checksum_dump(path: Path, jobs: int = 1, name: str | None = None) -> dict[st
 
 def dump_size(path: Path) -> int:
     return sum(file.stat().st_size for _, file in dump_files(path))
-
-
-def fsync_dump(path: Path) -> None:
-    for _, file in dump_files(path):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    if path.is_dir():
-        fsync_directory(path)

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
@@ -113,14 +113,6 @@ def backup_engine(
             "connect_timeout": settings.connect_timeout,
         },
     )
-
-
-def server_version_num(engine: Engine) -> tuple[int, str]:
-    with engine.connect() as connection:
-        row = connection.execute(
-            text("SELECT current_setting('server_version_num')::int, version()")
-        ).one()
-    return int(row[0]), str(row[1])
 
 
 def quote_ident(name: str) -> str:

@@ -160,7 +160,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     from ops.backup.lock import LockHeld
-    from ops.backup.verify import VerifyError, check, drill, resolve
+    from ops.backup.verify import VerifyError, as_dict, check, drill, resolve
 
     settings = load_settings()
     try:
@@ -169,7 +169,7 @@ def run_verify(args: argparse.Namespace) -> int:
     except (VerifyError, LockHeld, OSError) as problem:
         return _fail(f"verify failed: {problem}")
     if args.json:
-        print(json.dumps({"id": manifest.id, **vars(verification)}, indent=2))
+        print(json.dumps(as_dict(manifest, verification), indent=2))
     else:
         state = "ok" if verification.ok else "FAILED"
         print(f"{manifest.id} {verification.kind} {state}: {verification.detail}")
