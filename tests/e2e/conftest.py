@@ -63,7 +63,10 @@ class Stack:
             for name in ("OPS_PORT", "PROMETHEUS_PORT", "ALERTMANAGER_PORT", "WORKLOAD_PORT")
         }
         self.env_file = workdir / "stack.env"
-        self.log_dir = Path(os.environ.get("E2E_LOG_DIR") or workdir / "logs")
+        # kept after the run (tmp/ is git-ignored), unlike pytest's rotating temp dirs
+        self.log_dir = (
+            Path(os.environ.get("E2E_LOG_DIR") or ROOT / "tmp" / "e2e-logs") / self.project
+        )
         prometheus_config = workdir / "prometheus.yml"
         write_fast_prometheus_config(prometheus_config)
         self.env = {
