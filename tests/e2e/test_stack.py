@@ -140,6 +140,9 @@ def test_backup_through_the_sidecar_restores_into_a_scratch_database_with_equal_
     original = table_digest(stack, "dbops")
     assert original["agents"].startswith("10:")
     assert table_digest(stack, "e2e_restored") == original
+    # the sidecar's own restore drill (scratch database, row counts against the manifest)
+    drill = stack.exec_ops("backup", "verify", "--drill", "--json", newest["id"])
+    assert drill.returncode == 0 and json.loads(drill.stdout)["ok"] is True, drill.stdout
 
 
 @pytest.mark.timeout(600)
