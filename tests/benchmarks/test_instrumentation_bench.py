@@ -22,8 +22,8 @@ from db.metrics import instrument
 from db.settings import load_db_settings
 from tests.conftest import Server
 
-ROUNDS = 40
-LOOPS = 500
+ROUNDS = 200
+LOOPS = 100
 STATEMENT = text("SELECT 1")
 
 
