@@ -259,3 +259,49 @@ def test_directory_lock_excludes_another_process_and_names_the_holder(tmp_path: 
     again = DirectoryLock(tmp_path)
     again.acquire()  # free again once the holder let go
     again.release()
+
+
+def test_backup_metrics_carry_the_contracted_names_from_manifests_alone(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from ops.backup.metrics import BackupCollector, BackupCounters
+
+    store = BackupDirectory(tmp_path)
+    _manifest(
+        store,
+        "20260101T030000Z-aaaaaa",
+        finished_at="2026-01-01T03:00:10+00:00",
+        size_bytes=1234,
+        duration_seconds=10.0,
+    )
+    _manifest(
+        store,
+        "20260102T030000Z-bbbbbb",
+        status=STATUS_FAILED,
+        path=None,
+        finished_at="2026-01-02T03:00:01+00:00",
+    )
+    _manifest(store, "20260103T030000Z-cccccc", database="other")
+    settings = load_settings({"BACKUP_DIR": str(tmp_path), "POSTGRES_DB": "app"})
+    registry = CollectorRegistry()
+    BackupCounters(registry)
+    nxt = datetime(2026, 1, 3, 3, 0, tzinfo=UTC)
+    registry.register(BackupCollector(settings, lambda: 1, lambda: nxt))
+    value = registry.get_sample_value
+    assert (
+        value("dbops_backup_last_success_timestamp_seconds")
+        == datetime(2026, 1, 1, 3, 0, 10, tzinfo=UTC).timestamp()
+    )
+    assert value("dbops_backup_last_duration_seconds") == 10.0
+    assert value("dbops_backup_last_size_bytes") == 1234
+    assert value("dbops_backup_retained") == 1
+    assert (
+        value("dbops_backup_last_failure_timestamp_seconds")
+        == datetime(2026, 1, 2, 3, 0, 1, tzinfo=UTC).timestamp()
+    )
+    assert value("dbops_backup_verify_last_success_timestamp_seconds") == 0
+    assert value("dbops_backup_max_age_seconds") == 26 * 3600
+    assert value("dbops_backup_in_progress") == 1
+    assert value("dbops_backup_next_run_timestamp_seconds") == nxt.timestamp()
+    for result in ("ok", "failed", "locked"):
+        assert value("dbops_backup_runs_total", {"result": result}) == 0
