@@ -260,10 +260,29 @@ class ServerExporter(RegistryCollector):
     # -- refresh job (off the scrape path) ----------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-run the cached collectors; skipped (not an error) while the server is down."""
+        """Re-run the cached collectors; skipped (not an error) while the server is down.
+
+        The work runs on a daemon thread, like a scrape: a refresh stuck on a frozen server
+        must neither hold a scheduler thread forever nor keep the process from exiting.
+        """
         cached = [c for c in self.collectors if c.cached]
         if not cached or not self._refresh_lock.acquire(blocking=False):
             return
+
+        def work() -> None:
+            try:
+                self._refresh(cached)
+            finally:
+                self.last_refresh = time.monotonic()
+                self._refresh_lock.release()
+
+        worker = threading.Thread(target=work, name="refresh", daemon=True)
+        worker.start()
+        worker.join(self.refresh_timeout * len(cached) + self.deadline)
+        if worker.is_alive():
+            self._set_down("cached collectors' refresh got no answer")
+
+    def _refresh(self, cached: list[Collector]) -> None:
         try:
             with self.engine.connect() as connection:
                 if self.refresh_timeout > self.timeout:
@@ -281,9 +300,6 @@ class ServerExporter(RegistryCollector):
                     connection.exec_driver_sql("RESET statement_timeout")
         except exc.SQLAlchemyError as error:
             self._set_down(_first_line(error))
-        finally:
-            self.last_refresh = time.monotonic()
-            self._refresh_lock.release()
 
     # -- the exporter's own metrics -------------------------------------------------------------
 

@@ -50,7 +50,7 @@ def test_scrape_answers_down_by_its_deadline_when_the_server_is_frozen(cluster: 
         }
     )
     engine = exporter_engine(settings)
-    exporter = ServerExporter(engine, timeout=0.5)
+    exporter = ServerExporter(engine, timeout=0.5, refresh_timeout=0.5)
     registry = CollectorRegistry()
     registry.register(exporter)
 
@@ -58,6 +58,8 @@ def test_scrape_answers_down_by_its_deadline_when_the_server_is_frozen(cluster: 
         return registry.get_sample_value("dbops_pg_up")
 
     assert up() == 1
+    with engine.connect(), engine.connect():
+        pass  # both pooled connections are open before the freeze
     frozen = cluster_pids(cluster)
     try:
         for pid in frozen:
@@ -71,6 +73,13 @@ def test_scrape_answers_down_by_its_deadline_when_the_server_is_frozen(cluster: 
         assert timings[0] < exporter.deadline + 1.5, timings  # the stuck scrape's deadline
         assert max(timings[1:]) < 1.5, timings  # later ones do not wait behind it
         assert engine.pool.checkedout() == 1  # only the stuck scrape holds a connection
+        started = time.monotonic()
+        exporter.refresh()  # the scheduler's job returns; its stuck worker is a daemon thread
+        assert time.monotonic() - started < 0.5 * 3 + exporter.deadline + 1.5
+        assert engine.pool.checkedout() == 2  # the pool's bound, with both stuck
+        started = time.monotonic()
+        exporter.refresh()  # the next one sees the stuck refresh and skips at once
+        assert time.monotonic() - started < 0.5
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
