@@ -133,7 +133,7 @@ class ServerExporter(RegistryCollector):
         self.states = {collector.name: _CollectorState() for collector in self.collectors}
         self.probe = Histogram(PROBE_BUCKETS)
         self.up = 0
-        self.last_refresh = 0.0  # monotonic time the refresh job last finished
+        self.last_refresh = 0.0  # monotonic time the refresh job last ran
         self._down: str | None = None
         self._scrape_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -265,6 +265,9 @@ class ServerExporter(RegistryCollector):
         The work runs on a daemon thread, like a scrape: a refresh stuck on a frozen server
         must neither hold a scheduler thread forever nor keep the process from exiting.
         """
+        # Liveness is about the job being run, not the database answering: a frozen server is
+        # reported by dbops_pg_up, and restarting the sidecar would not thaw it.
+        self.last_refresh = time.monotonic()
         cached = [c for c in self.collectors if c.cached]
         if not cached or not self._refresh_lock.acquire(blocking=False):
             return
@@ -273,7 +276,6 @@ class ServerExporter(RegistryCollector):
             try:
                 self._refresh(cached)
             finally:
-                self.last_refresh = time.monotonic()
                 self._refresh_lock.release()
 
         worker = threading.Thread(target=work, name="refresh", daemon=True)
@@ -386,7 +388,7 @@ class ExporterService:
         stale_after = 3 * self.ttl + 30
         age = time.monotonic() - last
         if age > stale_after:
-            return [f"exporter: cached collectors not refreshed for {age:.0f}s"]
+            return [f"exporter: refresh job has not run for {age:.0f}s"]
         return []
 
     def stop(self) -> None:

@@ -58,7 +58,7 @@ def test_exporter_reports_a_refresh_job_that_stopped_running() -> None:
     try:
         assert service.health_problems() == []
         service.exporter.last_refresh = time.monotonic() - 10_000
-        assert service.health_problems()[0].startswith("exporter: cached collectors not refreshed")
+        assert service.health_problems()[0].startswith("exporter: refresh job has not run")
     finally:
         service.stop()
 
