@@ -179,9 +179,10 @@ class ServerExporter(RegistryCollector):
     def _scrape(self) -> list[Metric]:
         cheap = [c for c in self.collectors if not c.cached]
         for attempt in (1, 2):
+            started = time.perf_counter()
             try:
                 with self.engine.connect() as connection:
-                    self._probe(connection)
+                    self._probe(connection, started)
                     return self._run(connection, cheap)
             except exc.DBAPIError as error:
                 # A connection the server dropped (restart) fails once, then a fresh one is made.
@@ -193,8 +194,7 @@ class ServerExporter(RegistryCollector):
             break
         return []
 
-    def _probe(self, connection: Connection) -> None:
-        started = time.perf_counter()
+    def _probe(self, connection: Connection, started: float) -> None:
         connection.exec_driver_sql("SELECT 1").scalar_one()
         self.probe.observe(time.perf_counter() - started)
         self._set_up()
