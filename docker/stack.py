@@ -374,7 +374,7 @@ def cmd_down(stack: Stack, args: argparse.Namespace) -> int:
 
 
 def cmd_ps(stack: Stack, args: argparse.Namespace) -> int:
-    return stack.run_compose("ps", profile=True, check=False)
+    return stack.run_compose("ps", "--all", profile=True, check=False)
 
 
 def cmd_logs(stack: Stack, args: argparse.Namespace) -> int:
