@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from ops.backup.manifest import BackupDirectory
 from ops.backup.pgtools import (
+    RESTORE_APPLICATION_NAME,
     backup_engine,
     find_tool,
     first_error_line,
@@ -127,7 +128,9 @@ def _maintenance_database(settings: Settings, target: str) -> str | None:
 def _prepare_target(settings: Settings, target: str, force: bool) -> bool:
     """Create the target, or check it is empty; with ``force`` drop and recreate it."""
     admin = backup_engine(
-        settings.db, _maintenance_database(settings, target), application_name="dbops-restore"
+        settings.db,
+        _maintenance_database(settings, target),
+        application_name=RESTORE_APPLICATION_NAME,
     )
     name = quote_ident(target)
     try:
@@ -155,7 +158,7 @@ def _prepare_target(settings: Settings, target: str, force: bool) -> bool:
 
 
 def _count_objects(settings: Settings, database: str) -> int:
-    engine = backup_engine(settings.db, database, application_name="dbops-restore")
+    engine = backup_engine(settings.db, database, application_name=RESTORE_APPLICATION_NAME)
     try:
         with engine.connect() as connection:
             return int(connection.execute(OBJECTS_SQL).scalar_one())
@@ -164,7 +167,7 @@ def _count_objects(settings: Settings, database: str) -> int:
 
 
 def _is_superuser(settings: Settings, database: str) -> bool:
-    engine = backup_engine(settings.db, database, application_name="dbops-restore")
+    engine = backup_engine(settings.db, database, application_name=RESTORE_APPLICATION_NAME)
     try:
         with engine.connect() as connection:
             return bool(

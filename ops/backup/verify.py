@@ -29,6 +29,7 @@ from ops.backup.manifest import (
     utc_now,
 )
 from ops.backup.pgtools import (
+    VERIFY_APPLICATION_NAME,
     ToolError,
     backup_engine,
     find_tool,
@@ -146,7 +147,7 @@ def _restore_and_compare(
 ) -> tuple[list[str], str]:
     tool = find_tool("pg_restore", settings.backup.bindir)
     scratch = scratch_database(manifest.id)
-    admin = backup_engine(settings.db, application_name="dbops-verify")
+    admin = backup_engine(settings.db, application_name=VERIFY_APPLICATION_NAME)
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             # Scratch databases of earlier drills that were killed before they could drop them:
@@ -211,7 +212,7 @@ def _run_cancellable(
 def _compare_counts(settings: Settings, scratch: str, manifest: Manifest) -> tuple[list[str], str]:
     from ops.backup.runner import TABLES_SQL
 
-    engine = backup_engine(settings.db, database=scratch, application_name="dbops-verify")
+    engine = backup_engine(settings.db, database=scratch, application_name=VERIFY_APPLICATION_NAME)
     try:
         with engine.connect() as connection:
             tables = [(str(s), str(t)) for s, t in connection.execute(TABLES_SQL)]

@@ -498,3 +498,27 @@ def test_concurrent_scrapes_of_a_slow_server_never_pile_up_connections(
     assert len(durations) == 18
     assert peak[0] == 1  # scrapes are serialized on one connection of the pool of 2
     assert max(durations) < exporter.deadline + exporter.timeout + 1, durations
+
+
+def test_longest_transaction_leaves_out_the_sidecars_own_backup_sessions(
+    service: tuple[ExporterService, CollectorRegistry], migrated_db: URL
+) -> None:
+    _, registry = service
+    backup = create_engine(migrated_db, connect_args={"application_name": "dbops-backup"})
+    client = create_engine(migrated_db, connect_args={"application_name": "gt-client"})
+    try:
+        with backup.connect() as dump:
+            dump.exec_driver_sql("SELECT 1")  # the dump's transaction stays open
+            time.sleep(1.5)
+            generate_latest(registry)
+            alone = sample(registry, "dbops_pg_longest_transaction_seconds")
+            with client.connect() as other:
+                other.exec_driver_sql("SELECT 1")
+                time.sleep(0.3)
+                generate_latest(registry)
+                beside = sample(registry, "dbops_pg_longest_transaction_seconds")
+    finally:
+        backup.dispose()
+        client.dispose()
+    assert alone == 0.0
+    assert beside is not None and 0.3 <= beside < 1.5
