@@ -13,13 +13,15 @@ from db.settings import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # the contract of every subcommand
 
-COMMAND_MODULES = (
-    "ops.commands.config",
-    "ops.commands.db",
-    "ops.commands.backup",
-    "ops.commands.workload",
-    "ops.commands.serve",
-)
+# Each command's module, imported only when that command runs (or for help): a scheduled
+# `ops backup run` should not pay for importing alembic and the seed.
+COMMAND_MODULES = {
+    "config": "ops.commands.config",
+    "db": "ops.commands.db",
+    "backup": "ops.commands.backup",
+    "workload": "ops.commands.workload",
+    "serve": "ops.commands.serve",
+}
 
 log = logging.getLogger("ops")
 
@@ -30,17 +32,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for ``command`` alone when it is known, else for every command."""
     parser = Parser(prog="ops", description="dbops: the database layer's operations command")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(commands)
+    if command in COMMAND_MODULES:
+        importlib.import_module(COMMAND_MODULES[command]).register(commands)
+    else:
+        for module in COMMAND_MODULES.values():
+            importlib.import_module(module).register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    first = next((word for word in arguments if not word.startswith("-")), None)
+    parser = build_parser(first)
+    args = parser.parse_args(arguments)
     from ops.logs import setup_logging
 
     # The real settings are validated by each command; logging must work before that.
