@@ -163,7 +163,10 @@ class PoolStatus:
 
 
 def pool_status(engine: Engine | None = None) -> PoolStatus:
-    """How the pool is used right now; ``overflow`` counts connections beyond ``size`` in use."""
+    """How the pool is used right now; ``overflow`` counts connections open beyond ``size``.
+
+    The same numbers as the ``dbops_pool_*`` gauges of :mod:`db.metrics`.
+    """
     pool = (engine or get_engine()).pool
     if not isinstance(pool, QueuePool):
         return PoolStatus(0, 0, pool.checkedout() if hasattr(pool, "checkedout") else 0, 0, 0)
@@ -173,7 +176,7 @@ def pool_status(engine: Engine | None = None) -> PoolStatus:
         size=size,
         max_overflow=pool._max_overflow,
         checked_out=checked_out,
-        overflow=max(0, checked_out - size),
+        overflow=max(0, pool.overflow()),
         idle=pool.checkedin(),
     )
 
