@@ -85,6 +85,7 @@ class Stack:
         for name in ("POSTGRES_PUBLISH_PORT", "WORKLOAD_MODE", "DATABASE_URL"):
             self.env.pop(name, None)
         self.started = False
+        self.volumes_before = set(volumes())
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -194,6 +195,23 @@ class Stack:
     def remove(self) -> None:
         """Everything the suite started: containers, volumes, network (the image stays)."""
         self.stack("down", "--volumes", timeout=180)
+
+
+def volumes() -> dict[str, str]:
+    """Every volume on the engine and the compose project it belongs to ("" for none)."""
+    names = subprocess.run(
+        ["docker", "volume", "ls", "-q"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if not names:
+        return {}
+    projects = subprocess.run(
+        [
+            "docker", "volume", "inspect", "--format",
+            '{{index .Labels "com.docker.compose.project"}}', *names,
+        ],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    return dict(zip(names, projects, strict=True))
 
 
 def stack_module() -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import FIGURES, ROOT, Stack, seconds_in, wait_until
+from tests.e2e.conftest import FIGURES, ROOT, Stack, seconds_in, volumes, wait_until
 
 SEED_TABLES = ("agents", "users", "workflows", "tasks", "knowledge_base")
 DATA_TABLES = (*SEED_TABLES, "sessions", "metrics", "alembic_version")
@@ -237,3 +237,8 @@ def test_make_down_leaves_no_containers(stack: Stack) -> None:
     result = stack.make("down")
     assert result.returncode == 0, result.stdout + result.stderr
     assert stack.containers() == {}
+    # data stays in the project's named volumes; nothing anonymous is left behind
+    left = {
+        name: project for name, project in volumes().items() if name not in stack.volumes_before
+    }
+    assert left and set(left.values()) == {stack.project}, left
