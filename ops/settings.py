@@ -135,13 +135,18 @@ def _read_bindir(reader: EnvReader) -> Path | None:
     return Path(text)
 
 
-def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
-    listen = reader.string("OPS_LISTEN", "0.0.0.0:9188")
-    host, port = SidecarSettings.listen_host, SidecarSettings.listen_port
+def read_listen(reader: EnvReader, name: str, default: str) -> tuple[str, int]:
+    """``HOST:PORT`` from ``name``; on a bad value the problem is recorded and the default used."""
+    listen = reader.string(name, default)
     try:
-        host, port = parse_listen(listen)
+        return parse_listen(listen)
     except ValueError as exc:
-        reader.problem("OPS_LISTEN", listen, str(exc))
+        reader.problem(name, listen, str(exc))
+        return parse_listen(default)
+
+
+def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
+    host, port = read_listen(reader, "OPS_LISTEN", "0.0.0.0:9188")
     return SidecarSettings(
         listen_host=host,
         listen_port=port,

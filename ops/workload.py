@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Agent, KnowledgeEntry, Metric, Task
 from db.settings import DbSettings, EnvReader
-from ops.settings import parse_listen
+from ops.settings import read_listen
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,7 @@ def read_workload_settings(reader: EnvReader, db: DbSettings) -> WorkloadSetting
         defaults = (2 * capacity, 1.0, 0.1)
     else:
         defaults = (max(1, min(4, capacity)), 0.05, 0.5)
-    listen = reader.string("WORKLOAD_LISTEN", "0.0.0.0:9189")
-    host, port = WorkloadSettings.listen_host, WorkloadSettings.listen_port
-    try:
-        host, port = parse_listen(listen)
-    except ValueError as exc:
-        reader.problem("WORKLOAD_LISTEN", listen, str(exc))
+    host, port = read_listen(reader, "WORKLOAD_LISTEN", "0.0.0.0:9189")
     return WorkloadSettings(
         mode=mode,
         concurrency=reader.integer("WORKLOAD_CONCURRENCY", defaults[0], minimum=1, maximum=500),
