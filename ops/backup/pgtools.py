@@ -21,11 +21,17 @@ from sqlalchemy.pool import NullPool
 
 from db.settings import DbSettings
 
-APPLICATION_NAME = "dbops-backup"
+APPLICATION_NAME = "dbops-backup"  # the run's own session: version check, snapshot, row counts
+DUMP_APPLICATION_NAME = "dbops-pg_dump"  # pg_dump and its --jobs workers
 VERIFY_APPLICATION_NAME = "dbops-verify"
 RESTORE_APPLICATION_NAME = "dbops-restore"
 # Sessions whose long transactions are the job itself (pg_dump holds one for a whole dump).
-OWN_APPLICATION_NAMES = (APPLICATION_NAME, VERIFY_APPLICATION_NAME, RESTORE_APPLICATION_NAME)
+OWN_APPLICATION_NAMES = (
+    APPLICATION_NAME,
+    DUMP_APPLICATION_NAME,
+    VERIFY_APPLICATION_NAME,
+    RESTORE_APPLICATION_NAME,
+)
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 # URL query parameters that libpq also reads from the environment
 _LIBPQ_QUERY_ENV = {

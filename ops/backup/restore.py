@@ -87,7 +87,7 @@ def restore_backup(
     if not _is_superuser(settings, target):
         command += ["--no-owner"]  # ownership can only be given away by a superuser
     command.append(archive)
-    env = libpq_env(settings.db.url.set(database=target), "dbops-restore")
+    env = libpq_env(settings.db.url.set(database=target), RESTORE_APPLICATION_NAME)
     errors: list[str] = []
     done = 0
     # What pg_restore --verbose says once per archive item: serially it announces each item;

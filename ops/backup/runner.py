@@ -42,6 +42,7 @@ from ops.backup.manifest import (
     utc_now,
 )
 from ops.backup.pgtools import (
+    DUMP_APPLICATION_NAME,
     ClientTool,
     ToolError,
     backup_engine,
@@ -55,7 +56,6 @@ from ops.settings import BackupSettings, Settings
 
 log = logging.getLogger(__name__)
 
-DUMP_APPLICATION_NAME = "dbops-pg_dump"
 POLL_SECONDS = 0.2
 Progress = Callable[[int], None]  # bytes written so far
 

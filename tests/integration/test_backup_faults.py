@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from ops.backup.manifest import STATUS_FAILED, BackupDirectory
+from ops.backup.pgtools import OWN_APPLICATION_NAMES
 from ops.backup.prune import prune
 from ops.backup.runner import BackupError, run_backup
 from ops.backup.verify import check
@@ -178,3 +179,34 @@ def test_interrupted_cli_run_leaves_nothing_that_looks_like_a_backup(
     assert _leftovers(tmp_path) == []
     assert BackupDirectory(tmp_path).backups(str(source.database)) == []
     assert "interrupted" in stderr
+
+
+def test_every_session_of_a_running_backup_is_left_out_of_the_longest_transaction(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    settings = settings_for(source, tmp_path)
+    with run_held_by_lock(source, tmp_path, settings) as held:
+        assert wait_for(lambda: waiting_dump_backend(source), 20)
+        engine = create_engine(source)
+        try:
+            with engine.connect() as connection:
+                holder = connection.execute(
+                    text(
+                        """SELECT pid FROM pg_locks WHERE relation = 'payload'::regclass
+                             AND mode = 'AccessExclusiveLock' AND granted"""
+                    )
+                ).scalar_one()
+                names = connection.execute(
+                    text(
+                        """SELECT application_name FROM pg_stat_activity
+                           WHERE datname = current_database() AND xact_start IS NOT NULL
+                             AND pid NOT IN (pg_backend_pid(), :holder)"""
+                    ),
+                    {"holder": holder},
+                ).scalars()
+                backup_sessions = sorted(names)
+        finally:
+            engine.dispose()
+    # the run's snapshot session and pg_dump, both inside a transaction while the dump waits
+    assert len(backup_sessions) >= 2
+    assert set(backup_sessions) <= set(OWN_APPLICATION_NAMES), backup_sessions
