@@ -185,7 +185,7 @@ def test_every_session_of_a_running_backup_is_left_out_of_the_longest_transactio
     pg: Server, source: URL, tmp_path: Path
 ) -> None:
     settings = settings_for(source, tmp_path)
-    with run_held_by_lock(source, tmp_path, settings) as held:
+    with run_held_by_lock(source, tmp_path, settings):
         assert wait_for(lambda: waiting_dump_backend(source), 20)
         engine = create_engine(source)
         try:
