@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_VERSION = 1
+# A backup is a full copy of the database, password hashes included: owner-only.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_UMASK = 0o077
 MANIFEST_SUFFIX = ".json"
 TEMP_PREFIX = ".dbops-tmp-"  # every temporary name this package writes starts with this
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
@@ -187,7 +191,8 @@ class BackupDirectory:
         """Atomically: temporary file, fsync, rename, fsync of the directory."""
         temp = self.temp_path(f"{manifest.id}{MANIFEST_SUFFIX}")
         try:
-            with open(temp, "w", encoding="utf-8") as handle:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+            with open(fd, "w", encoding="utf-8") as handle:
                 handle.write(manifest.to_json())
                 handle.flush()
                 os.fsync(handle.fileno())

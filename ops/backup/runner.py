@@ -29,6 +29,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ops.backup.lock import RUN_LOCK, DirectoryLock
 from ops.backup.manifest import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_UMASK,
     STATUS_FAILED,
     STATUS_OK,
     BackupDirectory,
@@ -138,7 +140,7 @@ def run_backup(
     """
     directory = settings.backup.directory
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         lock = DirectoryLock(directory, RUN_LOCK, "backup run")
         lock.acquire()
     except OSError as exc:
@@ -257,7 +259,9 @@ def _dump_while_counting(
 
     counter = threading.Thread(target=count, name="dbops-backup-count", daemon=True)
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stderr=stderr, umask=PRIVATE_UMASK
+        )
         counter.start()
         try:
             _wait(process, output, progress, cancel)

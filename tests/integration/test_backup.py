@@ -161,6 +161,20 @@ def test_directory_format_with_parallel_jobs_round_trips(
     assert drill(settings, manifest).ok
 
 
+@pytest.mark.parametrize("backup_format", ["custom", "directory"])
+def test_backups_and_manifests_are_readable_by_their_owner_only(
+    pg: Server, source: URL, tmp_path: Path, backup_format: str
+) -> None:
+    directory = tmp_path / "backups"
+    manifest = run_backup(settings_for(source, directory, BACKUP_FORMAT=backup_format))
+    assert manifest.path is not None
+    written = [directory, *directory.rglob("*")]
+    assert directory / manifest.path in written and directory / f"{manifest.id}.json" in written
+    modes = {str(path.relative_to(tmp_path)): oct(path.stat().st_mode & 0o777) for path in written}
+    expected = {name: "0o700" if (tmp_path / name).is_dir() else "0o600" for name in modes}
+    assert modes == expected
+
+
 def test_retention_deletes_only_our_backups_and_keeps_newest_verified(
     pg: Server, source: URL, tmp_path: Path
 ) -> None:
