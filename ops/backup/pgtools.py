@@ -90,7 +90,9 @@ def check_client_version(tool: ClientTool, server_version_num: int) -> None:
         )
 
 
-def libpq_env(url: URL, application_name: str = APPLICATION_NAME) -> dict[str, str]:
+def libpq_env(
+    url: URL, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
+) -> dict[str, str]:
     """This process's environment minus any ``PG*`` it carries, plus ``url`` as libpq variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     query = {k: v if isinstance(v, str) else v[-1] for k, v in url.query.items()}
@@ -102,7 +104,7 @@ def libpq_env(url: URL, application_name: str = APPLICATION_NAME) -> dict[str, s
         "PGPASSWORD": url.password if isinstance(url.password, str) else None,
         "PGDATABASE": url.database,
         "PGAPPNAME": application_name,
-        "PGCONNECT_TIMEOUT": "10",
+        "PGCONNECT_TIMEOUT": str(connect_timeout),
     }
     for key, variable in _LIBPQ_QUERY_ENV.items():
         values[variable] = query.get(key)

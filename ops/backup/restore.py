@@ -78,16 +78,26 @@ def restore_backup(
     tool = find_tool("pg_restore", settings.backup.bindir)
     archive = str(store.data_path(manifest))
     clock = time.monotonic()
+    # Read the archive before touching the target: an unreadable one leaves nothing behind.
+    listed = subprocess.run(
+        [tool.path, "--list", archive], capture_output=True, text=True, check=False
+    )
+    if listed.returncode != 0:
+        raise RestoreError(
+            f"pg_restore --list cannot read backup {backup_id}: {first_error_line(listed.stderr)}"
+        )
+    listing = listed.stdout
     replaced = _prepare_target(settings, target, force)
-    listing = subprocess.run(
-        [tool.path, "--list", archive], capture_output=True, text=True, check=True
-    ).stdout
     total = sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
     command = [tool.path, f"--dbname={target}", "--verbose", f"--jobs={max(1, jobs)}"]
     if not _is_superuser(settings, target):
         command += ["--no-owner"]  # ownership can only be given away by a superuser
     command.append(archive)
-    env = libpq_env(settings.db.url.set(database=target), RESTORE_APPLICATION_NAME)
+    env = libpq_env(
+        settings.db.url.set(database=target),
+        RESTORE_APPLICATION_NAME,
+        settings.db.connect_timeout,
+    )
     errors: list[str] = []
     done = 0
     # What pg_restore --verbose says once per archive item: serially it announces each item;

@@ -193,7 +193,7 @@ def _dump(
                 snapshot = snapshot_holder.execute(text("SELECT pg_export_snapshot()")).scalar()
                 tables = [(str(s), str(t)) for s, t in snapshot_holder.execute(TABLES_SQL)]
                 command = pg_dump_command(tool, backup, temp, str(snapshot))
-                env = libpq_env(settings.db.url, DUMP_APPLICATION_NAME)
+                env = libpq_env(settings.db.url, DUMP_APPLICATION_NAME, settings.db.connect_timeout)
                 manifest.tables = _dump_while_counting(
                     command, env, temp, snapshot_holder, tables, progress, cancel
                 )
@@ -201,8 +201,8 @@ def _dump(
         manifest.files = checksum_dump(temp, backup.jobs, final_name)
         manifest.size_bytes = dump_size(temp)
         os.replace(temp, store.root / final_name)
+        manifest.path = final_name  # from here on a failure must remove the published dump
         fsync_directory(store.root)
-        manifest.path = final_name
         manifest.status = STATUS_OK
         _finish(manifest, clock)
         store.write(manifest)

@@ -172,7 +172,11 @@ def _restore_and_compare(
                 f"--jobs={max(1, settings.backup.jobs)}",
                 str(store.data_path(manifest)),
             ]
-            env = libpq_env(settings.db.url.set(database=scratch), VERIFY_APPLICATION_NAME)
+            env = libpq_env(
+                settings.db.url.set(database=scratch),
+                VERIFY_APPLICATION_NAME,
+                settings.db.connect_timeout,
+            )
             code, stderr = _run_cancellable(command, env, cancel)
             if code != 0:
                 return [f"pg_restore failed: {first_error_line(stderr)}"], ""

@@ -222,6 +222,10 @@ def run_prune(args: argparse.Namespace) -> int:
         result = prune(settings, dry_run=args.dry_run)
     except LockHeld as held:
         return _fail(f"prune not started: {held}")
+    except OSError as error:
+        return _fail(
+            f"prune failed: {error.filename or settings.backup.directory}: {error.strerror}"
+        )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return EXIT_OK

@@ -3,6 +3,7 @@ where exit codes and messages are the behaviour."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -114,6 +115,42 @@ def test_tampered_backup_fails_verify_and_restore(pg: Server, source: URL, tmp_p
     recorded = BackupDirectory(tmp_path).get(manifest.id)
     assert recorded is not None and not recorded.verified
     assert [v.ok for v in recorded.verifications] == [True, False]
+
+
+def test_restore_of_an_unreadable_archive_fails_cleanly_and_creates_no_database(
+    pg: Server, source: URL, tmp_path: Path
+) -> None:
+    assert ops(source, tmp_path, "backup", "run").returncode == 0
+    manifest = BackupDirectory(tmp_path).backups(str(source.database))[-1]
+    dump = tmp_path / f"{manifest.id}.dump"
+    dump.write_bytes(b"not an archive, but checksummed as if it were one\n" * 100)
+    manifest_file = tmp_path / f"{manifest.id}.json"
+    recorded = json.loads(manifest_file.read_text())
+    recorded["files"] = {dump.name: hashlib.sha256(dump.read_bytes()).hexdigest()}
+    manifest_file.write_text(json.dumps(recorded))
+    target = f"{source.database}_unreadable"
+    refused = ops(source, tmp_path, "backup", "restore", manifest.id, "--target-db", target)
+    assert refused.returncode == 1
+    assert "cannot read backup" in refused.stderr and "Traceback" not in refused.stderr
+    engine = create_engine(source)
+    try:
+        with engine.connect() as connection:
+            exists = connection.execute(
+                text("SELECT count(*) FROM pg_database WHERE datname = :name"), {"name": target}
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert exists == 0
+
+
+def test_prune_of_a_missing_backup_directory_fails_cleanly(source: URL, tmp_path: Path) -> None:
+    missing = tmp_path / "never-created"
+    for args in (("backup", "prune"), ("backup", "prune", "--dry-run")):
+        result = ops(source, missing, *args)
+        assert result.returncode in (0, 1), result.stderr
+        assert "Traceback" not in result.stderr
+    result = ops(source, missing, "backup", "prune")
+    assert result.returncode == 1 and "never-created" in result.stderr
 
 
 def test_restore_drill_matches_dump_time_counts_and_drops_its_scratch_database(

@@ -58,6 +58,8 @@ def test_pg_dump_argv_carries_no_connection_details_and_env_carries_the_password
     )
     assert env["PGSSLMODE"] == "require"
     assert env["PGAPPNAME"] == "dbops-pg_dump"
+    assert env["PGCONNECT_TIMEOUT"] == "10"
+    assert libpq_env(url, "dbops-pg_dump", 3)["PGCONNECT_TIMEOUT"] == "3"
 
 
 def test_libpq_env_drops_pg_variables_of_the_calling_process(
