@@ -85,8 +85,25 @@ class Cluster:
         )
 
     def start(self) -> Cluster:
+        """initdb and start; on failure everything made so far is removed, and the error says
+        what the server logged."""
+        try:
+            self._initdb_and_start()
+        except subprocess.CalledProcessError as error:
+            log = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+            self.stop()
+            raise RuntimeError(
+                f"test cluster failed: {' '.join(map(str, error.cmd))}: {error.stderr}{log}"
+            ) from error
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _initdb_and_start(self) -> None:
         pwfile = self.root / "pwfile"
-        pwfile.write_text(self.password + "\n")
+        with open(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+            handle.write(self.password + "\n")
         if self._user is not None:
             os.chown(pwfile, self._user.pw_uid, self._user.pw_gid)
             self._run(["mkdir", "-p", str(self.socketdir)])
@@ -126,7 +143,6 @@ class Cluster:
                 "start",
             ]
         )
-        return self
 
     def pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self._run([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args])
