@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from db.errors import error_line
 from db.settings import DbSettings, load_db_settings
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,7 @@ def health_check(engine: Engine | None = None) -> Health:
             ).one()
         return Health(True, time.perf_counter() - started, row[0], row[1])
     except exc.SQLAlchemyError as error:
-        message = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-        return Health(False, time.perf_counter() - started, None, None, message)
+        return Health(False, time.perf_counter() - started, None, None, error_line(error))
 
 
 @dataclass(frozen=True)

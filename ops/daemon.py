@@ -24,6 +24,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Engine
 
 from db.engine import create_engine
+from db.errors import error_line
 from db.metrics import instrument
 from ops.http import AlertReceiver, HttpServer, SidecarApp
 from ops.settings import Settings
@@ -95,12 +96,12 @@ class Readiness:
                     continue  # the server restarted since the last probe: retry on a new one
                 return False, {
                     "ready": False,
-                    "problems": [f"database unreachable: {_line(error)}"],
+                    "problems": [f"database unreachable: {error_line(error)}"],
                 }
             except exc.SQLAlchemyError as error:
                 return False, {
                     "ready": False,
-                    "problems": [f"database unreachable: {_line(error)}"],
+                    "problems": [f"database unreachable: {error_line(error)}"],
                 }
         if current != self.head:
             problem = f"schema at {current or 'no revision'}, head is {self.head}"
@@ -109,11 +110,6 @@ class Readiness:
 
     def stop(self) -> None:
         self.engine.dispose()
-
-
-def _line(error: BaseException) -> str:
-    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 class Daemon:

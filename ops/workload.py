@@ -31,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from db.errors import error_line
 from db.models import Agent, KnowledgeEntry, Metric, Task
 from db.settings import DbSettings, EnvReader
 from ops.settings import read_listen
@@ -224,7 +225,7 @@ class Workload:
             except Exception as error:  # one failed task must not end the agent
                 kind = type(error).__name__
                 if self.stats.error(kind):
-                    log.warning("agent %s: %s: %s", agent.name, kind, _first_line(error))
+                    log.warning("agent %s: %s: %s", agent.name, kind, error_line(error))
                 self.stop.wait(1.0)
                 continue
             pause = self.settings.think_seconds if worked else max(0.2, self.settings.think_seconds)
@@ -319,7 +320,7 @@ class Workload:
             except Exception as error:
                 kind = f"producer:{type(error).__name__}"
                 if self.stats.error(kind):
-                    log.warning("producer: %s: %s", type(error).__name__, _first_line(error))
+                    log.warning("producer: %s: %s", type(error).__name__, error_line(error))
 
     def produce_once(self, agents: list[AgentRef]) -> int:
         """Top the queue of pending workload tasks up to ``queue_depth``."""
@@ -386,8 +387,3 @@ class Workload:
             self.stats.peak_checked_out = max(self.stats.peak_checked_out, checked_out)
             if checked_out >= capacity:
                 self.stats.saturated_samples += 1
-
-
-def _first_line(error: BaseException) -> str:
-    message = str(getattr(error, "orig", None) or error).strip()
-    return message.splitlines()[0] if message else type(error).__name__

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db import migrate
+from db.errors import error_line
 from db.roles import RoleResult, ensure_roles, role_specs
 from db.seed.knowledge import SHIPPED_EXPORT
 from db.seed.run import SeedReport, seed
@@ -58,7 +59,7 @@ def wait_for_server(settings: DbSettings, timeout: float) -> float:
                     log.info("database answered after %.1fs (%d attempts)", waited, attempts)
                 return waited
             except exc.DBAPIError as error:
-                last_error = str(error.orig or error).strip().splitlines()[0]
+                last_error = error_line(error)
                 if "password authentication failed" in last_error:
                     # A wrong password does not fix itself; say so now, not after the timeout.
                     raise ServerUnavailable(

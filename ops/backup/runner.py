@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from db.errors import error_line
 from ops.backup.lock import RUN_LOCK, DirectoryLock
 from ops.backup.manifest import (
     PRIVATE_DIR_MODE,
@@ -351,8 +352,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BackupError | ToolError):
         return str(exc)
     if isinstance(exc, SQLAlchemyError):
-        original = getattr(exc, "orig", None) or exc
-        return f"database error: {str(original).strip().splitlines()[0]}"
+        return f"database error: {error_line(exc)}"
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
     if isinstance(exc, KeyboardInterrupt):

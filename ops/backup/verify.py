@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from sqlalchemy import text
 
+from db.errors import error_line
 from ops.backup.lock import DirectoryLock, LockHeld, manifest_lock
 from ops.backup.manifest import (
     BackupDirectory,
@@ -120,7 +121,7 @@ def drill(
             except DrillCancelled:
                 raise
             except Exception as exc:  # the drill reports; it never crashes the scheduler
-                problems = [f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"]
+                problems = [f"{type(exc).__name__}: {error_line(exc)}"]
     verification = Verification(
         kind=DRILL,
         ok=not problems,

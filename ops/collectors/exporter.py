@@ -36,6 +36,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
 from db.engine import create_engine
+from db.errors import error_line
 from db.metrics import Histogram, instrument
 from ops.collectors.activity import ActivityCollector
 from ops.collectors.base import Collector, Options
@@ -92,12 +93,6 @@ def exporter_engine(settings: Settings) -> Engine:
             "options": options,
         },
     )
-
-
-def _first_line(error: BaseException) -> str:
-    original = getattr(error, "orig", None) or error
-    lines = str(original).strip().splitlines()
-    return lines[0] if lines else type(original).__name__
 
 
 @dataclass
@@ -188,9 +183,9 @@ class ServerExporter(RegistryCollector):
                 # A connection the server dropped (restart) fails once, then a fresh one is made.
                 if attempt == 1 and error.connection_invalidated:
                     continue
-                self._set_down(_first_line(error))
+                self._set_down(error_line(error))
             except exc.SQLAlchemyError as error:  # pool timeout: the pool is busy or stuck
-                self._set_down(_first_line(error))
+                self._set_down(error_line(error))
             break
         return []
 
@@ -216,7 +211,7 @@ class ServerExporter(RegistryCollector):
         except exc.DBAPIError as error:
             self._record(collector.name, state, time.perf_counter() - started, error)
             if error.connection_invalidated:
-                self._set_down(_first_line(error))
+                self._set_down(error_line(error))
                 return None
             return []
         except Exception as error:  # a bug in one collector must not take down the others
@@ -238,7 +233,7 @@ class ServerExporter(RegistryCollector):
                 state.failure = None
                 return
             state.errors += 1
-            message = _first_line(error)
+            message = error_line(error)
             if message != state.failure:
                 log.warning("collector %s failed: %s", name, message)
             state.failure = message
@@ -301,7 +296,7 @@ class ServerExporter(RegistryCollector):
                     # back to the startup packet's value before the connection returns to the pool
                     connection.exec_driver_sql("RESET statement_timeout")
         except exc.SQLAlchemyError as error:
-            self._set_down(_first_line(error))
+            self._set_down(error_line(error))
 
     # -- the exporter's own metrics -------------------------------------------------------------
 

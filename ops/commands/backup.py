@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any
 
+from db.errors import error_line
 from ops.settings import Settings, load_settings
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -201,7 +202,7 @@ def run_restore(args: argparse.Namespace) -> int:
             settings, args.id, args.target_db, force=args.force, jobs=jobs, progress=progress
         )
     except (RestoreError, ToolError, SQLAlchemyError) as error:
-        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        reason = error_line(error)
         return _fail(f"{chr(10) if tty else ''}restore failed: {reason}")
     finally:
         if tty:

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from db import migrate
 from db.engine import create_engine
+from db.errors import error_line
 from db.seed.admin import AdminPasswordError
 from db.seed.init import ServerUnavailable, initialize
 from db.seed.knowledge import KnowledgeImportError, import_knowledge
@@ -69,10 +70,6 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
-def _database_error(error: exc.DBAPIError | exc.SQLAlchemyError) -> str:
-    return str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-
-
 @contextmanager
 def _engine(settings: Settings) -> Iterator[Engine]:
     engine = create_engine(settings.db, **CLI_POOL)
@@ -97,7 +94,7 @@ def _guarded(run: Callable[[Settings, Engine], int], args: argparse.Namespace) -
     except CommandError as error:
         return _fail(str(error), EXIT_USAGE)
     except exc.SQLAlchemyError as error:
-        return _fail(f"database error on {settings.db.redacted_url}: {_database_error(error)}")
+        return _fail(f"database error on {settings.db.redacted_url}: {error_line(error)}")
 
 
 def _print(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:

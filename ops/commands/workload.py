@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from db.engine import create_engine
+    from db.errors import error_line
     from db.metrics import instrument, start_metrics_server
     from ops.workload import Workload, WorkloadError, load_workload_settings
 
@@ -56,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", error)
         return EXIT_FAILED
     except SQLAlchemyError as error:
-        message = str(getattr(error, "orig", None) or error).strip().splitlines()
-        log.error("database error: %s", message[0] if message else type(error).__name__)
+        log.error("database error: %s", error_line(error))
         return EXIT_FAILED
     finally:
         if server is not None:

@@ -1,0 +1,14 @@
+"""Errors turned into what an operator reads: one line, never a traceback."""
+
+from __future__ import annotations
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of what the driver said (``orig`` of a SQLAlchemy error), else the error's.
+
+    libpq messages continue with ``DETAIL``/``HINT`` lines and SQLAlchemy appends the statement
+    and a link; a log line or an exit message wants only the first line.
+    """
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    return lines[0] if lines else type(original).__name__
