@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +20,14 @@ from sqlalchemy import text
 from ops.backup.manifest import BackupDirectory
 from ops.backup.pgtools import (
     RESTORE_APPLICATION_NAME,
+    ToolError,
     backup_engine,
     find_tool,
     first_error_line,
     libpq_env,
     quote_ident,
 )
+from ops.backup.toc import read_toc, restorable, restore_rights
 from ops.backup.verify import checksum_problems, resolve
 from ops.settings import Settings
 
@@ -79,20 +82,48 @@ def restore_backup(
     archive = str(store.data_path(manifest))
     clock = time.monotonic()
     # Read the archive before touching the target: an unreadable one leaves nothing behind.
-    listed = subprocess.run(
-        [tool.path, "--list", archive], capture_output=True, text=True, check=False
-    )
-    if listed.returncode != 0:
-        raise RestoreError(
-            f"pg_restore --list cannot read backup {backup_id}: {first_error_line(listed.stderr)}"
-        )
-    listing = listed.stdout
+    try:
+        toc = read_toc(tool, archive)
+    except ToolError as exc:
+        raise RestoreError(f"cannot read backup {backup_id}: {exc}") from exc
     replaced = _prepare_target(settings, target, force)
-    total = sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
-    command = [tool.path, f"--dbname={target}", "--verbose", f"--jobs={max(1, jobs)}"]
-    if not _is_superuser(settings, target):
-        command += ["--no-owner"]  # ownership can only be given away by a superuser
-    command.append(archive)
+    superuser, trusted = _restore_rights(settings, target)
+    plan = restorable(toc, superuser=superuser, trusted_extensions=trusted)
+    if plan.skipped:
+        log.warning(
+            "restoring without %d entries only a superuser can restore: %s",
+            len(plan.skipped),
+            "; ".join(plan.skipped),
+        )
+    total = plan.entries
+    with tempfile.NamedTemporaryFile("w", prefix="dbops-restore-", suffix=".list") as use_list:
+        use_list.write(plan.listing)
+        use_list.flush()
+        command = [tool.path, f"--dbname={target}", "--verbose", f"--jobs={max(1, jobs)}"]
+        command += [f"--use-list={use_list.name}"]
+        if not superuser:
+            command += ["--no-owner"]  # ownership can only be given away by a superuser
+        command.append(archive)
+        code, errors, done = _run_restore(command, settings, target, jobs, total, progress)
+    if code != 0 or errors:
+        shown = errors[0] if errors else first_error_line("")
+        raise RestoreError(
+            f"pg_restore exited {code} with {len(errors)} error(s) restoring into {target}: {shown}"
+        )
+    if progress is not None and done < total:
+        progress(total, total, "done")
+    return RestoreResult(manifest.id, target, time.monotonic() - clock, total, replaced)
+
+
+def _run_restore(
+    command: list[str],
+    settings: Settings,
+    target: str,
+    jobs: int,
+    total: int,
+    progress: Progress | None,
+) -> tuple[int, list[str], int]:
+    """Run pg_restore, counting archive items for progress; exit code, errors, items done."""
     env = libpq_env(
         settings.db.url.set(database=target),
         RESTORE_APPLICATION_NAME,
@@ -119,15 +150,7 @@ def restore_backup(
             done = min(total, done + 1)
             if progress is not None:
                 progress(done, total, line.removeprefix("pg_restore: "))
-    code = process.wait()
-    if code != 0 or errors:
-        shown = errors[0] if errors else first_error_line("")
-        raise RestoreError(
-            f"pg_restore exited {code} with {len(errors)} error(s) restoring into {target}: {shown}"
-        )
-    if progress is not None and done < total:
-        progress(total, total, "done")
-    return RestoreResult(manifest.id, target, time.monotonic() - clock, total, replaced)
+    return process.wait(), errors, done
 
 
 def _maintenance_database(settings: Settings, target: str) -> str | None:
@@ -176,14 +199,10 @@ def _count_objects(settings: Settings, database: str) -> int:
         engine.dispose()
 
 
-def _is_superuser(settings: Settings, database: str) -> bool:
+def _restore_rights(settings: Settings, database: str) -> tuple[bool, set[str]]:
     engine = backup_engine(settings.db, database, application_name=RESTORE_APPLICATION_NAME)
     try:
         with engine.connect() as connection:
-            return bool(
-                connection.execute(
-                    text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-                ).scalar()
-            )
+            return restore_rights(connection)
     finally:
         engine.dispose()

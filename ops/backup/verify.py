@@ -39,6 +39,7 @@ from ops.backup.pgtools import (
     quote_ident,
 )
 from ops.backup.runner import count_rows
+from ops.backup.toc import read_toc, restorable, restore_rights
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -165,20 +166,32 @@ def _restore_and_compare(
                 )
             connection.execute(text(f"CREATE DATABASE {quote_ident(scratch)} TEMPLATE template0"))
         try:
-            command = [
-                tool.path,
-                f"--dbname={scratch}",
-                "--no-owner",
-                "--no-privileges",
-                f"--jobs={max(1, settings.backup.jobs)}",
-                str(store.data_path(manifest)),
-            ]
-            env = libpq_env(
-                settings.db.url.set(database=scratch),
-                VERIFY_APPLICATION_NAME,
-                settings.db.connect_timeout,
+            archive = str(store.data_path(manifest))
+            with admin.connect() as connection:
+                superuser, trusted = restore_rights(connection)
+            # What only a superuser can restore (an untrusted extension such as
+            # pg_stat_statements) holds no rows: the drill leaves it out.
+            plan = restorable(
+                read_toc(tool, archive), superuser=superuser, trusted_extensions=trusted
             )
-            code, stderr = _run_cancellable(command, env, cancel)
+            with tempfile.NamedTemporaryFile("w", prefix="dbops-drill-", suffix=".list") as listed:
+                listed.write(plan.listing)
+                listed.flush()
+                command = [
+                    tool.path,
+                    f"--dbname={scratch}",
+                    "--no-owner",
+                    "--no-privileges",
+                    f"--jobs={max(1, settings.backup.jobs)}",
+                    f"--use-list={listed.name}",
+                    archive,
+                ]
+                env = libpq_env(
+                    settings.db.url.set(database=scratch),
+                    VERIFY_APPLICATION_NAME,
+                    settings.db.connect_timeout,
+                )
+                code, stderr = _run_cancellable(command, env, cancel)
             if code != 0:
                 return [f"pg_restore failed: {first_error_line(stderr)}"], ""
             return _compare_counts(settings, scratch, manifest)

@@ -299,6 +299,14 @@ def test_backup_role_without_superuser_can_run_drill_and_restore(
     pg: Server, source: URL, tmp_path: Path, backup_role: tuple[str, str]
 ) -> None:
     user, password = backup_role
+    # What the stack's database holds and only a superuser may restore: an untrusted extension
+    # (with its comment) and default privileges of another role.
+    pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", database=source.database)
+    pg.execute(
+        "ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public "
+        "GRANT SELECT ON TABLES TO pg_monitor",
+        database=source.database,
+    )
     as_role = source.set(username=user, password=password)
     settings = settings_for(as_role, tmp_path)
     manifest = run_backup(settings)
@@ -309,6 +317,7 @@ def test_backup_role_without_superuser_can_run_drill_and_restore(
     try:
         done = ops(as_role, tmp_path, "backup", "restore", manifest.id, "--target-db", target)
         assert done.returncode == 0, done.stderr
+        assert "EXTENSION - pg_stat_statements" in done.stderr and "DEFAULT ACL" in done.stderr
         assert data_only_dump(pg.url(target)) == data_only_dump(source)
     finally:
         pg.drop_database(target)
