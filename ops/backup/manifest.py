@@ -129,10 +129,20 @@ class Manifest:
 
 
 class BackupDirectory:
-    """The backup directory, seen through the manifests this package wrote."""
+    """The backup directory, seen through the manifests this package wrote.
 
-    def __init__(self, root: Path) -> None:
+    With ``cache=True`` a manifest is parsed again only when its file changes (manifests are
+    replaced, never edited in place, so inode, mtime and size tell). The sidecar lists the
+    directory on every scrape, and a manifest holds a row count per table: without the cache,
+    scrape time grew with tables times retained backups. Cached manifests are shared between
+    calls; such a directory is for reading only.
+    """
+
+    def __init__(self, root: Path, *, cache: bool = False) -> None:
         self.root = root
+        self._cache: dict[str, tuple[tuple[int, int, int], Manifest | None]] | None = (
+            {} if cache else None
+        )
 
     def manifest_path(self, backup_id: str) -> Path:
         return self.root / f"{backup_id}{MANIFEST_SUFFIX}"
@@ -149,21 +159,42 @@ class BackupDirectory:
         found: list[Manifest] = []
         if not self.root.is_dir():
             return found
+        seen: set[str] = set()
         for entry in self.root.iterdir():
             name = entry.name
             if not name.endswith(MANIFEST_SUFFIX) or not ID_PATTERN.match(name[:-5]):
                 continue
-            manifest = self._read(entry)
+            seen.add(name)
+            manifest = self._read_cached(entry)
             if manifest is not None and manifest.id == name[:-5]:
                 found.append(manifest)
+        if self._cache is not None:
+            for gone in set(self._cache) - seen:
+                del self._cache[gone]
         found.sort(key=lambda m: (m.started, m.id))
         return found
 
-    def backups(self, database: str) -> list[Manifest]:
-        """Good backups of ``database`` whose data is present, oldest first."""
+    def _read_cached(self, path: Path) -> Manifest | None:
+        if self._cache is None:
+            return self._read(path)
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(path.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        manifest = self._read(path)
+        self._cache[path.name] = (key, manifest)
+        return manifest
+
+    def backups(self, database: str, manifests: list[Manifest] | None = None) -> list[Manifest]:
+        """Good backups of ``database`` whose data is present, oldest first (of ``manifests``
+        when the caller has listed them already)."""
         return [
             m
-            for m in self.manifests()
+            for m in (self.manifests() if manifests is None else manifests)
             if m.ok and m.database == database and m.path and self.data_path(m).exists()
         ]
 

@@ -1,8 +1,8 @@
 """Backup metrics, derived at scrape time from the manifests in ``BACKUP_DIR``.
 
-Reading the manifests on every scrape is cheap (one small JSON file per backup) and makes runs
-of the CLI, of another sidecar or of a previous process show up exactly like the sidecar's own;
-only the run counters are in-process.
+Reading the manifests on every scrape is cheap (a manifest is parsed again only when its file
+changes) and makes runs of the CLI, of another sidecar or of a previous process show up exactly
+like the sidecar's own; only the run counters are in-process.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class BackupCollector(Collector):
         next_run: Callable[[], datetime | None],
     ) -> None:
         self.settings = settings
-        self.store = BackupDirectory(settings.backup.directory)
+        self.store = BackupDirectory(settings.backup.directory, cache=True)
         self.in_progress = in_progress
         self.next_run = next_run
 
@@ -63,7 +63,7 @@ class BackupCollector(Collector):
         database = self.settings.db.database
         try:
             records = [m for m in self.store.manifests() if m.database == database]
-            good = self.store.backups(database)
+            good = self.store.backups(database, records)
         except OSError as error:  # an unreadable BACKUP_DIR must not take /metrics down with it
             log.warning("cannot read backup manifests in %s: %s", self.store.root, error)
             records, good = [], []

@@ -189,6 +189,30 @@ def test_only_good_manifests_of_the_database_with_data_count_as_backups(tmp_path
     assert [m.id for m in store.backups("other")] == ["20260103T030000Z-cccccc"]
 
 
+def test_cached_listing_parses_a_manifest_again_only_when_its_file_changes(
+    tmp_path: Path,
+) -> None:
+    writer = BackupDirectory(tmp_path)
+    _manifest(writer, "20260101T030000Z-aaaaaa", tables={"public.t": 3})
+    _manifest(writer, "20260102T030000Z-bbbbbb")
+    reader = BackupDirectory(tmp_path, cache=True)
+    first = {m.id: m for m in reader.manifests()}
+    second = {m.id: m for m in reader.manifests()}
+    assert all(second[key] is first[key] for key in first)  # served from the cache
+    changed = writer.get("20260101T030000Z-aaaaaa")
+    assert changed is not None
+    changed.verifications.append(Verification("drill", True, "2026-01-01T04:30:00+00:00", 1.5))
+    writer.write(changed)
+    writer.delete(first["20260102T030000Z-bbbbbb"])
+    third = {m.id: m for m in reader.manifests()}
+    assert list(third) == ["20260101T030000Z-aaaaaa"]
+    assert third["20260101T030000Z-aaaaaa"].verified
+    assert third["20260101T030000Z-aaaaaa"] is not first["20260101T030000Z-aaaaaa"]
+    # without the cache every listing parses anew
+    plain = BackupDirectory(tmp_path)
+    assert plain.manifests()[0] is not plain.manifests()[0]
+
+
 def test_manifest_round_trips_with_verifications(tmp_path: Path) -> None:
     store = BackupDirectory(tmp_path)
     _manifest(store, "20260101T030000Z-aaaaaa", tables={"public.t": 3})
