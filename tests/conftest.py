@@ -7,16 +7,20 @@ starts its own throwaway cluster. Each test gets a database of its own.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from tests.pgcluster import Cluster
 
 TEMPLATE_DB = "dbops_test_template"
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Server:
@@ -122,3 +126,32 @@ def env_for(url: URL, **extra: str) -> dict[str, str]:
     env["DATABASE_URL"] = url.render_as_string(hide_password=False)
     env.update(extra)
     return env
+
+
+def run_ops(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``ops ARGS`` as a separate process, the way an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def drop_roles(connection: Connection, names: Iterable[str]) -> None:
+    """Drop the roles of ``names`` that exist, and what they own (roles are cluster-wide)."""
+    existing = (
+        connection.execute(
+            text("SELECT rolname FROM pg_roles WHERE rolname = ANY(:names)"),
+            {"names": list(names)},
+        )
+        .scalars()
+        .all()
+    )
+    if existing:
+        quoted = ", ".join(f'"{name}"' for name in existing)
+        connection.execute(text(f"DROP OWNED BY {quoted}"))
+        connection.execute(text(f"DROP ROLE {quoted}"))

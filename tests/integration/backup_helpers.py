@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from sqlalchemy.engine import URL
 from ops.backup.manifest import Manifest
 from ops.backup.runner import run_backup
 from ops.settings import Settings, load_settings
-from tests.conftest import env_for
+from tests.conftest import env_for, run_ops
 from tests.pgcluster import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,16 +75,7 @@ def populate(url: URL, rows: int = 2000) -> None:
 
 def ops(url: URL, directory: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
     """``ops ARGS`` as an operator would run it, pointed at ``url`` and ``directory``."""
-    env = env_for(url, BACKUP_DIR=str(directory), **extra)
-    return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_ops(*args, env=env_for(url, BACKUP_DIR=str(directory), **extra))
 
 
 def pg_dump_processes(directory: Path) -> list[int]:

@@ -15,7 +15,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from db.seed.knowledge import SHIPPED_EXPORT
-from tests.conftest import Server, env_for
+from tests.conftest import Server, drop_roles, env_for
+from tests.conftest import run_ops as ops
 from tests.pgcluster import Cluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,17 +29,6 @@ def init_env(url: URL, tmp_path: Path, **extra: str) -> dict[str, str]:
     env["ADMIN_PASSWORD_OUTPUT"] = str(tmp_path / "admin-password")
     env.update(extra)
     return env
-
-
-def ops(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def start_ops(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -129,18 +119,7 @@ def role_names(empty_db: URL) -> Iterator[dict[str, str]]:
     engine = create_engine(empty_db, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as connection:
-            existing = (
-                connection.execute(
-                    text("SELECT rolname FROM pg_roles WHERE rolname = ANY(:names)"),
-                    {"names": list(names.values())},
-                )
-                .scalars()
-                .all()
-            )
-            if existing:
-                quoted = ", ".join(f'"{name}"' for name in existing)
-                connection.execute(text(f"DROP OWNED BY {quoted}"))
-                connection.execute(text(f"DROP ROLE {quoted}"))
+            drop_roles(connection, names.values())
     finally:
         engine.dispose()
 

@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from db.roles import RoleSpec, ensure_roles, role_specs, scram_matches, scram_verifier
 from db.seed.settings import SeedSettings
+from tests.conftest import drop_roles
 
 MakeEngine = Callable[..., Engine]
 
@@ -43,18 +44,7 @@ def specs(admin: Engine) -> Iterator[list[RoleSpec]]:
     made = role_specs(settings)
     yield made
     with admin.begin() as connection:
-        existing = (
-            connection.execute(
-                text("SELECT rolname FROM pg_roles WHERE rolname = ANY(:names)"),
-                {"names": [spec.name for spec in made]},
-            )
-            .scalars()
-            .all()
-        )
-        if existing:
-            quoted = ", ".join(f'"{name}"' for name in existing)
-            connection.execute(text(f"DROP OWNED BY {quoted}"))
-            connection.execute(text(f"DROP ROLE {quoted}"))
+        drop_roles(connection, [spec.name for spec in made])
 
 
 def ensure(admin: Engine, specs: list[RoleSpec]) -> dict[str, list[str]]:
