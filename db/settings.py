@@ -175,28 +175,32 @@ class DbSettings:
         return self.url.database or ""
 
 
+def read_postgres_url(reader: EnvReader, name: str) -> tuple[bool, URL | None]:
+    """A ``postgresql://`` URL from ``name`` (or ``name_FILE``): whether it was set, and the
+    URL, or ``None`` with the problem recorded. Problems never show the password."""
+    text = reader.secret(name)
+    if text is None:
+        return False, None
+    try:
+        url = make_url(text)
+    except (ArgumentError, ValueError):
+        # The text may hold a password; show only what cannot be one.
+        reader.problem(name, redact_url_text(text), "not a database URL")
+        return True, None
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        reader.problem(name, shown, "must be a postgresql:// URL")
+        return True, None
+    if not url.database:
+        reader.problem(name, shown, "names no database")
+        return True, None
+    return True, url.set(drivername="postgresql+psycopg2")
+
+
 def _database_url(reader: EnvReader) -> URL | None:
-    text = reader.secret("DATABASE_URL")
-    if text is not None:
-        try:
-            url = make_url(text)
-        except (ArgumentError, ValueError):
-            # The text may hold a password; show only what cannot be one.
-            reader.problem("DATABASE_URL", redact_url_text(text), "not a database URL")
-            return None
-        if url.get_backend_name() not in ("postgresql", "postgres"):
-            reader.problem(
-                "DATABASE_URL",
-                url.render_as_string(hide_password=True),
-                "must be a postgresql:// URL",
-            )
-            return None
-        if not url.database:
-            reader.problem(
-                "DATABASE_URL", url.render_as_string(hide_password=True), "names no database"
-            )
-            return None
-        return url.set(drivername="postgresql+psycopg2")
+    given, url = read_postgres_url(reader, "DATABASE_URL")
+    if given:
+        return url
     host = reader.string("POSTGRES_HOST", "localhost")
     port = reader.integer("POSTGRES_PORT", 5432, minimum=1, maximum=65535)
     return URL.create(

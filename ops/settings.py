@@ -13,8 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import URL
 
 from db.seed.settings import SeedSettings, read_seed_settings
 from db.settings import (
@@ -22,7 +21,7 @@ from db.settings import (
     DbSettings,
     EnvReader,
     read_db_settings,
-    redact_url_text,
+    read_postgres_url,
 )
 
 BACKUP_FORMATS = ("custom", "directory")
@@ -171,22 +170,7 @@ def _read_application_name(reader: EnvReader) -> str:
 
 def _read_monitor_url(reader: EnvReader) -> URL | None:
     """``MONITOR_DATABASE_URL`` (or ``_FILE``), checked like ``DATABASE_URL``."""
-    text = reader.secret("MONITOR_DATABASE_URL")
-    if text is None:
-        return None
-    try:
-        url = make_url(text)
-    except (ArgumentError, ValueError):
-        reader.problem("MONITOR_DATABASE_URL", redact_url_text(text), "not a database URL")
-        return None
-    shown = url.render_as_string(hide_password=True)
-    if url.get_backend_name() not in ("postgresql", "postgres"):
-        reader.problem("MONITOR_DATABASE_URL", shown, "must be a postgresql:// URL")
-        return None
-    if not url.database:
-        reader.problem("MONITOR_DATABASE_URL", shown, "names no database")
-        return None
-    return url.set(drivername="postgresql+psycopg2")
+    return read_postgres_url(reader, "MONITOR_DATABASE_URL")[1]
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
