@@ -16,11 +16,17 @@ so these numbers are taken where they happen and kept exact:
 
 The hot path (one checkout and one statement) costs about two microseconds: histograms here are a
 bisect and one uncontended lock, not prometheus_client's per-bucket locks.
+
+A forked child (gunicorn, Celery prefork) starts from zero: its counters and histograms count its
+own work only, so summing workers and their parent does not count the parent's history again, and
+every lock here is renewed, in case a thread of the parent held one at the moment of fork. Its
+pool gauges are read from the pool, which :mod:`db.engine` renews in the child.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import threading
 import weakref
@@ -75,6 +81,12 @@ class Histogram:
     def snapshot(self) -> tuple[list[int], float]:
         with self._lock:
             return list(self.counts), self.total
+
+    def reset_after_fork(self) -> None:
+        """Zero, with a new lock; in place, because hot paths hold bound ``observe`` methods."""
+        self._lock = threading.Lock()
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
 
 
 _VERBS = ("select", "insert", "update", "delete")
@@ -137,6 +149,14 @@ class EngineMetrics:
     def count(self, attribute: str) -> None:
         with self._lock:
             setattr(self, attribute, getattr(self, attribute) + 1)
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        for histogram in (self.wait, *self.queries.values()):
+            histogram.reset_after_fork()
+        for operation in self.query_errors:
+            self.query_errors[operation] = 0
+        self.timeouts = self.invalidations = self.connects = self.connect_errors = 0
 
     def count_query_error(self, operation: str) -> None:
         with self._lock:
@@ -243,6 +263,9 @@ class PoolCollector(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._engines: list[EngineMetrics] = []
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def add(self, metrics: EngineMetrics) -> None:
         with self._lock:
@@ -417,6 +440,19 @@ def _attach(engine: Engine, metrics: EngineMetrics) -> None:
     ]
     for name, listener in listeners:
         event.listen(engine, name, listener)
+
+
+def _reset_in_child() -> None:
+    """Runs in a forked child before anything else (see the module's docstring)."""
+    global _lock
+    _lock = threading.Lock()
+    for metrics in list(_instrumented.values()):
+        metrics.reset_after_fork()
+    for collector in list(_collectors.values()):
+        collector.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def make_wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:

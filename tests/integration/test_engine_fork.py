@@ -15,10 +15,12 @@ from typing import Any
 
 import psycopg2
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, Engine
 
 from db import engine as db_engine
+from db import metrics as db_metrics
 from db.settings import load_db_settings
 
 APP = "t-fork"
@@ -292,3 +294,68 @@ def test_a_child_checks_out_although_a_parent_thread_held_the_pool_lock_at_fork(
         children = Children(child, 1)
         (result,) = children.results(timeout=30)
     assert result["backend"] not in parent_backends
+
+
+def test_pool_metrics_in_a_child_count_only_the_childs_own_work(engine: Engine) -> None:
+    registry = CollectorRegistry()
+    instrumented = db_metrics.instrument(engine, registry)
+
+    def value(name: str, **labels: str) -> float:
+        found = registry.get_sample_value(name, {"pool": APP, **labels})
+        assert found is not None, name
+        return found
+
+    warm(engine, 2)
+    held = engine.connect()
+    held.execute(text("SELECT 1"))
+    parent_before = {
+        "checked_out": value("dbops_pool_checked_out"),
+        "connects": value("dbops_pool_connects_total"),
+        "selects": value("dbops_query_duration_seconds_count", operation="select"),
+    }
+    assert parent_before["checked_out"] == 1 and parent_before["connects"] == 2
+    assert parent_before["selects"] >= 3
+
+    def child(_: int) -> dict[str, Any]:
+        inherited = {
+            "checked_out": value("dbops_pool_checked_out"),
+            "idle": value("dbops_pool_idle"),
+            "connects": value("dbops_pool_connects_total"),
+            "selects": value("dbops_query_duration_seconds_count", operation="select"),
+            "waits": value("dbops_pool_wait_seconds_count"),
+        }
+        with engine.connect() as connection:
+            for _ in range(5):
+                connection.execute(text("SELECT 1"))
+            during = value("dbops_pool_checked_out")
+        return {
+            "inherited": inherited,
+            "checked_out_during": during,
+            "checked_out_after": value("dbops_pool_checked_out"),
+            "connects": value("dbops_pool_connects_total"),
+            "selects": value("dbops_query_duration_seconds_count", operation="select"),
+            "waits": value("dbops_pool_wait_seconds_count"),
+        }
+
+    # As if other threads were counting a connect and timing a statement at the moment of fork.
+    with instrumented._lock, instrumented.queries["select"]._lock:
+        (result,) = Children(child, 1).results(timeout=30)
+
+    # A new process starts from nothing: neither the parent's connections nor its history.
+    assert result["inherited"] == {
+        "checked_out": 0,
+        "idle": 0,
+        "connects": 0,
+        "selects": 0,
+        "waits": 0,
+    }
+    assert result["checked_out_during"] == 1 and result["checked_out_after"] == 0
+    assert result["connects"] == 1
+    assert result["selects"] == 5
+    assert result["waits"] == 1
+    # The parent's numbers are its own, untouched by the child.
+    assert value("dbops_pool_checked_out") == 1
+    assert value("dbops_pool_connects_total") == parent_before["connects"]
+    selects = value("dbops_query_duration_seconds_count", operation="select")
+    assert selects == parent_before["selects"]
+    held.close()
