@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from db import engine as db_engine
 from db import metrics as db_metrics
 from db.settings import load_db_settings
+from tests.pgcluster import wait_for
 
 APP = "t-fork"
 CHILDREN = 4
@@ -81,8 +82,12 @@ class Children:
         sender.send(result)
         sender.close()
 
-    def alive(self) -> bool:
-        return any(process.is_alive() for process in self.processes)
+    def kill(self) -> None:
+        """End the children still running (none, once their results are in)."""
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
 
     def results(self, timeout: float = CHILD_TIMEOUT) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -95,10 +100,7 @@ class Children:
                 process.join(max(0.0, deadline - time.monotonic()))
                 assert process.exitcode == 0, f"child {index} exited with {process.exitcode}"
         finally:
-            for process in self.processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
+            self.kill()
         failed = [result["error"] for result in results if not result["ok"]]
         assert not failed, failed
         return results
@@ -225,22 +227,25 @@ def test_parent_and_children_query_concurrently_and_each_gets_its_own_answers(
     parent_seen: set[int] = set()
     parent_wrong: list[str] = []
     parent_rounds = [0]
+    children_done = threading.Event()
 
-    def parent_queries(children: Children) -> None:
+    def parent_queries() -> None:
         try:
-            query_until_children_finish(children)
+            query_until_children_finish()
         except Exception as error:
             parent_wrong.append(f"round {parent_rounds[0]}: {type(error).__name__}: {error}")
 
-    def query_until_children_finish(children: Children) -> None:
-        while children.alive() or parent_rounds[0] < ROUNDS:
+    def query_until_children_finish() -> None:
+        while not children_done.is_set() or parent_rounds[0] < ROUNDS:
             token = f"parent-{parent_rounds[0]}"
             with db_engine.session_scope(engine) as session:
                 backend, echoed = session.execute(
                     text("SELECT pg_backend_pid(), CAST(:token AS text)"), {"token": token}
                 ).one()
-            if echoed != token:
-                parent_wrong.append(f"sent {token!r}, got {echoed!r}")
+                # A BEGIN from a child on this socket shows as "already a transaction in progress".
+                notices = session.connection().connection.driver_connection.notices  # type: ignore[union-attr]
+            if echoed != token or notices:
+                parent_wrong.append(f"sent {token!r}, got {echoed!r}, notices {notices}")
             parent_seen.add(int(backend))
             guard = held.execute(text("SELECT value FROM fork_guard")).scalar_one()
             xid = int(held.execute(text("SELECT txid_current()")).scalar_one())
@@ -248,10 +253,20 @@ def test_parent_and_children_query_concurrently_and_each_gets_its_own_answers(
                 parent_wrong.append(f"open transaction disturbed: {guard}, {xid}")
             parent_rounds[0] += 1
 
-    children = Children(child, CHILDREN)
-    parent = threading.Thread(target=parent_queries, args=(children,), daemon=True)
+    parent = threading.Thread(target=parent_queries, daemon=True)
+    # Half the children are forked with the parent's connections idle in the pool, half while
+    # the parent's thread is mid-stream with its sockets in use.
+    groups = [Children(child, CHILDREN // 2)]
     parent.start()
-    results = children.results()
+    try:
+        started = wait_for(lambda: parent_rounds[0] >= 5 or parent_wrong, 30)
+        assert started, f"the parent's queries hung after {parent_rounds[0]} rounds"
+        groups.append(Children(child, CHILDREN - CHILDREN // 2))
+        results = [result for group in groups for result in group.results()]
+    finally:
+        children_done.set()
+        for group in groups:
+            group.kill()
     parent.join(CHILD_TIMEOUT)
     assert not parent.is_alive(), f"the parent hung after {parent_rounds[0]} rounds"
 
@@ -268,7 +283,9 @@ def test_parent_and_children_query_concurrently_and_each_gets_its_own_answers(
     # The parent kept its own sessions: no reconnection, so a child never closed one of them.
     assert parent_seen <= idle_backends
     assert len(connects) == connects_before
-    assert set(server_view(admin, parent_backends)) == parent_backends
+    seen_by_server = server_view(admin, parent_backends)
+    assert set(seen_by_server) == parent_backends
+    assert {seen_by_server[pid][0] for pid in parent_backends - {held_backend}} == {"idle"}
     # Its open transaction is the one it began, still holding its temporary table.
     state, _, xact_start = server_view(admin, {held_backend})[held_backend]
     assert state == "idle in transaction" and xact_start is not None
