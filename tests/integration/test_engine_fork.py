@@ -54,7 +54,7 @@ def engine(migrated_db: URL) -> Iterator[Engine]:
 
 @pytest.fixture
 def admin(migrated_db: URL, engine_for: Callable[..., Engine]) -> Engine:
-    """A separate engine that watches the server side; never inherited by a child's work."""
+    """A separate engine that watches the server side; the children never use it."""
     return engine_for(migrated_db, isolation_level="AUTOCOMMIT")
 
 
@@ -204,25 +204,26 @@ def test_parent_and_children_query_concurrently_and_each_gets_its_own_answers(
     connects_before = len(connects)
 
     def child(index: int) -> dict[str, Any]:
-        backends: set[int] = set()
+        sessions: set[tuple[int, str]] = set()  # pid and start: pids are reused
         wrong: list[str] = []
         for round_ in range(ROUNDS):
             token = f"child-{index}-{os.getpid()}-{round_}"
             with db_engine.session_scope(engine) as session:
-                backend, echoed, name = session.execute(
+                backend, started, echoed, name = session.execute(
                     text(
-                        "SELECT pg_backend_pid(), CAST(:token AS text),"
+                        "SELECT pid, CAST(backend_start AS text), CAST(:token AS text),"
                         " current_setting('application_name')"
+                        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                     ),
                     {"token": token},
                 ).one()
             if echoed != token or name != APP:
                 wrong.append(f"round {round_}: sent {token!r}, got {echoed!r} from {name!r}")
-            backends.add(int(backend))
+            sessions.add((int(backend), started))
             if round_ == ROUNDS // 2:
                 engine.dispose()  # mid-run: closes the child's own connections, not the parent's
         engine.dispose()
-        return {"backends": sorted(backends), "wrong": wrong}
+        return {"sessions": sorted(sessions), "wrong": wrong}
 
     parent_seen: set[int] = set()
     parent_wrong: list[str] = []
@@ -272,14 +273,16 @@ def test_parent_and_children_query_concurrently_and_each_gets_its_own_answers(
 
     assert parent_wrong == []
     assert parent_rounds[0] >= ROUNDS
-    child_backends = [set(result["backends"]) for result in results]
+    child_sessions = [{tuple(found) for found in result["sessions"]} for result in results]
     for index, result in enumerate(results):
         assert result["wrong"] == [], f"child {index}: {result['wrong']}"
-        assert child_backends[index], f"child {index} ran no query"
-        assert not child_backends[index] & parent_backends, f"child {index} used the parent's"
-    for index, backends in enumerate(child_backends):  # children do not share sessions either
-        for other in child_backends[index + 1 :]:
-            assert not backends & other
+        assert child_sessions[index], f"child {index} ran no query"
+        used = {pid for pid, _ in child_sessions[index]}
+        assert not used & parent_backends, f"child {index} used the parent's sessions"
+        assert len(child_sessions[index]) >= 2  # it disposed of its pool mid-run: reconnected
+    for index, sessions in enumerate(child_sessions):  # children do not share sessions either
+        for other in child_sessions[index + 1 :]:
+            assert not sessions & other
     # The parent kept its own sessions: no reconnection, so a child never closed one of them.
     assert parent_seen <= idle_backends
     assert len(connects) == connects_before
