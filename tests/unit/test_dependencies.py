@@ -31,7 +31,9 @@ def test_runtime_dependencies_are_ranges_from_a_tested_floor_to_the_next_major()
     for name, spec in runtime_ranges().items():
         match = re.fullmatch(r">=(\d+)\.([\d.]+),<(\d+)", spec)
         assert match, f"{name}{spec}: expected >=FLOOR,<NEXT_MAJOR"
-        assert int(match[3]) == int(match[1]) + 1, f"{name}{spec}: upper bound is not the next major"
+        assert int(match[3]) == int(match[1]) + 1, (
+            f"{name}{spec}: upper bound is not the next major"
+        )
 
 
 def test_the_lock_pins_every_runtime_dependency_at_its_floor() -> None:
