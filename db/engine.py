@@ -22,8 +22,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from db.errors import error_line
-from db.settings import DbSettings, load_db_settings
+from db.errors import DatabaseDisabled, error_line
+from db.settings import DbSettings, database_enabled, load_db_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ MIN_SERVER_VERSION = 130000
 _lock = threading.Lock()
 _engine: Engine | None = None
 _sessions: sessionmaker[Session] | None = None
+_enabled: bool | None = None  # DB_ENABLED, read once per process (or after dispose())
+DISABLED_MESSAGE = "the database is switched off (DB_ENABLED=false)"
 
 
 def create_engine(settings: DbSettings, **overrides: Any) -> Engine:
@@ -87,9 +89,23 @@ def _on_checkout(
         raise exc.DisconnectionError("connection returned to the pool inside a transaction")
 
 
+def enabled() -> bool:
+    """Whether ``DB_ENABLED`` lets this process use its database (read once, then cached)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = database_enabled()
+    return _enabled
+
+
 def get_engine() -> Engine:
-    """The process's engine, created on first use from the environment."""
+    """The process's engine, created on first use from the environment.
+
+    Raises :class:`~db.errors.DatabaseDisabled` when ``DB_ENABLED=false``: the rollback switch
+    that takes the database out of a service's path without a code change.
+    """
     global _engine, _sessions
+    if not enabled():
+        raise DatabaseDisabled(DISABLED_MESSAGE)
     with _lock:
         if _engine is None:
             _engine = create_engine(load_db_settings())
@@ -131,13 +147,21 @@ class Health:
     server_version: str | None
     database: str | None
     error: str | None = None
+    status: str = ""  # "ok", "failed", or "disabled" (DB_ENABLED=false)
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", "ok" if self.ok else "failed")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def health_check(engine: Engine | None = None) -> Health:
-    """A round trip through the pool: whether it worked, how long it took, what answered."""
+    """A round trip through the pool: whether it worked, how long it took, what answered.
+    With ``DB_ENABLED=false`` it reports ``status="disabled"`` without connecting."""
+    if engine is None and not enabled():
+        return Health(False, 0.0, None, None, DISABLED_MESSAGE, status="disabled")
     engine = engine or get_engine()
     started = time.perf_counter()
     try:
@@ -182,8 +206,10 @@ def pool_status(engine: Engine | None = None) -> PoolStatus:
 
 
 def dispose() -> None:
-    """Close every pooled connection of the process's engine and forget it."""
-    global _engine, _sessions
+    """Close every pooled connection of the process's engine and forget it (and the
+    ``DB_ENABLED`` it read, so the next use reads it again)."""
+    global _engine, _sessions, _enabled
+    _enabled = None
     with _lock:
         if _engine is not None:
             _engine.dispose()
