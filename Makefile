@@ -3,19 +3,39 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What the image and CI install: pyproject.toml's ranges resolved to their floors (the lowest
+# versions we test). `make lock` regenerates it; `make test-newest` runs the suite on the newest
+# releases the ranges admit.
+LOCK := requirements.lock
+NEWEST := .venv-newest
 
-.PHONY: venv test test-unit test-integration test-monitoring lint fmt bench e2e
+.PHONY: venv lock test test-newest test-unit test-integration test-monitoring lint fmt bench e2e
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--resolution lowest-direct --quiet -o $(LOCK)
+
 test: $(STAMP)
 	$(BIN)/pytest tests/unit tests/integration tests/monitoring
+
+# The same suite on the newest releases pyproject.toml's ranges admit (a virtualenv of its own,
+# upgraded on every run).
+test-newest:
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install -q --upgrade pip
+	$(NEWEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(NEWEST)/bin/python -c "import sqlalchemy, alembic, prometheus_client, apscheduler, psycopg2; \
+		print('newest:', 'SQLAlchemy', sqlalchemy.__version__, '| alembic', alembic.__version__, \
+		'| psycopg2', psycopg2.__version__.split()[0])"
+	$(NEWEST)/bin/pytest tests/unit tests/integration tests/monitoring
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit

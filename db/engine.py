@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-from db.errors import error_line
-from db.settings import DbSettings, load_db_settings
+from db.errors import DatabaseDisabled, error_line
+from db.settings import DbSettings, database_enabled, load_db_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ MIN_SERVER_VERSION = 130000
 _lock = threading.Lock()
 _engine: Engine | None = None
 _sessions: sessionmaker[Session] | None = None
+_enabled: bool | None = None  # DB_ENABLED, read once per process (or after dispose())
+DISABLED_MESSAGE = "the database is switched off (DB_ENABLED=false)"
 _fork_safe: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
@@ -131,9 +133,23 @@ def _on_checkout(
         raise exc.DisconnectionError("connection returned to the pool inside a transaction")
 
 
+def enabled() -> bool:
+    """Whether ``DB_ENABLED`` lets this process use its database (read once, then cached)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = database_enabled()
+    return _enabled
+
+
 def get_engine() -> Engine:
-    """The process's engine, created on first use from the environment."""
+    """The process's engine, created on first use from the environment.
+
+    Raises :class:`~db.errors.DatabaseDisabled` when ``DB_ENABLED=false``: the rollback switch
+    that takes the database out of a service's path without a code change.
+    """
     global _engine, _sessions
+    if not enabled():
+        raise DatabaseDisabled(DISABLED_MESSAGE)
     with _lock:
         if _engine is None:
             _engine = create_engine(load_db_settings())
@@ -179,13 +195,21 @@ class Health:
     server_version: str | None
     database: str | None
     error: str | None = None
+    status: str = ""  # "ok", "failed", or "disabled" (DB_ENABLED=false)
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", "ok" if self.ok else "failed")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def health_check(engine: Engine | None = None) -> Health:
-    """A round trip through the pool: whether it worked, how long it took, what answered."""
+    """A round trip through the pool: whether it worked, how long it took, what answered.
+    With ``DB_ENABLED=false`` it reports ``status="disabled"`` without connecting."""
+    if engine is None and not enabled():
+        return Health(False, 0.0, None, None, DISABLED_MESSAGE, status="disabled")
     engine = engine or get_engine()
     started = time.perf_counter()
     try:
@@ -230,12 +254,14 @@ def pool_status(engine: Engine | None = None) -> PoolStatus:
 
 
 def dispose() -> None:
-    """Close every pooled connection of the process's engine and forget it.
+    """Close every pooled connection of the process's engine and forget it (and the
+    ``DB_ENABLED`` it read, so the next use reads it again).
 
     In a forked child this closes the child's own connections only: the pool it inherited was
     replaced at fork, and the parent's connections are never closed from here.
     """
-    global _engine, _sessions
+    global _engine, _sessions, _enabled
+    _enabled = None
     with _lock:
         if _engine is not None:
             _engine.dispose()

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any
 
+import sqlalchemy
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client import make_wsgi_app as _prometheus_wsgi_app
 from prometheus_client.core import (
@@ -422,7 +423,63 @@ def instrument(
     return metrics
 
 
+# The SQLAlchemy releases whose pool and dialect internals this module was tested against
+# (CI runs the suite on the lock and on the newest release the range admits). Another release
+# may count waiters or time statements wrongly without failing, so it is refused instead.
+SUPPORTED_SQLALCHEMY = ((2, 0), (2, 1))
+
+
+class UnsupportedSQLAlchemy(RuntimeError):
+    """``instrument()`` cannot trust this SQLAlchemy's internals; the message says why."""
+
+
+def check_sqlalchemy(version: str = sqlalchemy.__version__) -> None:
+    """Raise :class:`UnsupportedSQLAlchemy` unless the internals ``instrument()`` reaches into
+    (QueuePool's queue and overflow, the queue's mutex, the dialect's ``do_execute*``) are
+    those of a supported release."""
+    supported = ", ".join(f"{major}.{minor}.x" for major, minor in SUPPORTED_SQLALCHEMY)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or (int(match[1]), int(match[2])) not in SUPPORTED_SQLALCHEMY:
+        raise UnsupportedSQLAlchemy(
+            f"db.metrics supports SQLAlchemy {supported}; this is {version}. Install a supported "
+            "release, or run without instrument() (the pool still works, unmeasured)"
+        )
+    missing = [
+        name
+        for owner, name in (
+            (QueuePool, "_queue_class"),
+            (QueuePool, "_is_asyncio"),
+            (sqla_queue.Queue, "_empty"),
+            (sqla_queue.Queue, "get"),
+        )
+        if not hasattr(owner, name)
+    ]
+    if missing:
+        raise UnsupportedSQLAlchemy(
+            f"db.metrics supports SQLAlchemy {supported}; {version} lacks "
+            f"{', '.join(missing)}, which the pool metrics rely on"
+        )
+
+
+def _check_engine(engine: Engine) -> None:
+    """Every internal ``_attach`` touches, checked before it changes anything."""
+    check_sqlalchemy()
+    needed: list[tuple[object, str]] = [(engine.dialect, n) for n in TIMED_DIALECT_METHODS]
+    if isinstance(engine.pool, QueuePool):
+        needed += [(engine.pool, "_pool"), (engine.pool, "_max_overflow")]
+    for owner, name in needed:
+        if not hasattr(owner, name):
+            raise UnsupportedSQLAlchemy(
+                f"db.metrics: SQLAlchemy {sqlalchemy.__version__}'s "
+                f"{type(owner).__name__} has no {name}, which the metrics rely on"
+            )
+
+
+TIMED_DIALECT_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
+
+
 def _attach(engine: Engine, metrics: EngineMetrics) -> None:
+    _check_engine(engine)
     pool: Pool = engine.pool
     if isinstance(pool, QueuePool) and not pool._is_asyncio:
         pool.__class__ = _instrumented_pool_class(type(pool), metrics)
@@ -430,7 +487,7 @@ def _attach(engine: Engine, metrics: EngineMetrics) -> None:
         if type(queue) is sqla_queue.Queue:
             queue.__class__ = _WaitCountingQueue
     dialect = engine.dialect  # each create_engine() builds its own dialect instance
-    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+    for name in TIMED_DIALECT_METHODS:
         setattr(dialect, name, metrics.timed(getattr(dialect, name)))
     # Pool events only: they fire per new connection or invalidation, not per statement.
     listeners: list[tuple[str, Callable[..., Any]]] = [
