@@ -14,9 +14,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 
+from ops.backup.lock import LockHeld, reading
 from ops.backup.manifest import BackupDirectory
 from ops.backup.pgtools import (
     RESTORE_APPLICATION_NAME,
@@ -63,6 +65,17 @@ class RestoreResult:
 
 
 def restore_backup(
+    settings: Settings, backup_id: str, target: str, **options: Any
+) -> RestoreResult:
+    """Restore while holding the backup's read lock: retention cannot delete it mid-restore."""
+    try:
+        with reading(BackupDirectory(settings.backup.directory), backup_id):
+            return _restore_backup(settings, backup_id, target, **options)
+    except (LockHeld, OSError, ValueError) as exc:
+        raise RestoreError(str(exc)) from exc
+
+
+def _restore_backup(
     settings: Settings,
     backup_id: str,
     target: str,

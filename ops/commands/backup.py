@@ -73,9 +73,9 @@ def run_backup(args: argparse.Namespace) -> int:
     def progress(size: int) -> None:
         print(f"\rdumping {settings.db.database}: {_megabytes(size)}", end="", file=sys.stderr)
 
-    def retention(_: object) -> None:
-        try:
-            pruned.extend(prune(settings, locked=True).deleted)
+    def retention(taken: Any) -> None:
+        try:  # the backup just taken is never pruned by its own run, whatever the clocks say
+            pruned.extend(prune(settings, locked=True, protected=(taken.id,)).deleted)
         except Exception as error:  # the backup itself is good; say why nothing was pruned
             print(f"retention failed (backup kept): {error}", file=sys.stderr)
 
@@ -139,10 +139,18 @@ def run_list(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = BackupDirectory(settings.backup.directory)
     database = settings.db.database
-    if args.all:
-        shown = [m for m in store.manifests() if m.database == database]
-    else:
-        shown = store.backups(database)
+    try:
+        if args.all:
+            shown = [m for m in store.manifests() if m.database == database]
+        else:
+            shown = store.backups(database)
+    except OSError as error:  # BackupDirError: missing or unreadable; never an empty listing
+        return _fail(f"list failed: {error}")
+    if store.invalid:
+        print(
+            f"{len(store.invalid)} invalid manifest(s) skipped (see the warnings above)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([_row(m) for m in shown], indent=2))
         return EXIT_OK
@@ -216,6 +224,7 @@ def run_restore(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from ops.backup.lock import LockHeld
+    from ops.backup.manifest import BackupDirError, UnsafeEntry
     from ops.backup.prune import prune
 
     settings = load_settings()
@@ -223,6 +232,8 @@ def run_prune(args: argparse.Namespace) -> int:
         result = prune(settings, dry_run=args.dry_run)
     except LockHeld as held:
         return _fail(f"prune not started: {held}")
+    except (BackupDirError, UnsafeEntry) as error:
+        return _fail(f"prune failed: {error}")
     except OSError as error:
         return _fail(
             f"prune failed: {error.filename or settings.backup.directory}: {error.strerror}"
@@ -232,9 +243,14 @@ def run_prune(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
     for doomed in result.plan.delete:
+        if doomed.id in result.skipped:
+            print(f"kept {doomed.id} this time: {result.skipped[doomed.id]}")
+            continue
         print(f"{verb} {doomed.id} ({doomed.utc:%Y-%m-%d %H:%M:%S} UTC)")
     for backup_id, reasons in result.plan.keep.items():
         print(f"keep {backup_id}: {'; '.join(reasons)}")
     if not result.plan.delete:
         print("nothing to delete")
+    if result.invalid:
+        print(f"{len(result.invalid)} invalid manifest(s) ignored", file=sys.stderr)
     return EXIT_OK
