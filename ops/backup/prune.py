@@ -26,7 +26,7 @@ from ops.backup.lock import (
     manifest_lock,
     remove_stale_read_locks,
 )
-from ops.backup.manifest import BackupDirectory, Manifest, utc_now
+from ops.backup.manifest import BackupDirectory, Manifest, UnsafeEntry, utc_now
 from ops.backup.retention import Candidate, GfsRetention, RetentionPlan, is_future
 from ops.settings import BackupSettings, Settings
 
@@ -106,7 +106,7 @@ def prune(
             try:
                 with claim_for_deletion(store, doomed.id), manifest_lock(store.root, "prune"):
                     store.delete(result.backups[doomed.id])
-            except LockHeld as held:
+            except (LockHeld, UnsafeEntry) as held:  # being read, or its lock file is planted
                 result.skipped[doomed.id] = str(held)
                 log.warning("retention kept %s this time: %s", doomed.id, held)
                 continue

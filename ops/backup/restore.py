@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from ops.backup.children import die_with_parent
 from ops.backup.lock import LockHeld, reading
 from ops.backup.manifest import BackupDirectory
 from ops.backup.pgtools import (
@@ -152,7 +153,12 @@ def _run_restore(
         else ("creating ", "executing ", "processing data")
     )
     process = subprocess.Popen(
-        command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=die_with_parent(),  # a killed restore must not keep writing the target
     )
     assert process.stderr is not None
     for raw in process.stderr:

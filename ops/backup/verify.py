@@ -326,11 +326,12 @@ def record(store: BackupDirectory, backup_id: str, verification: Verification) -
 def resolve(settings: Settings, backup_id: str | None) -> Manifest:
     """The named good backup of this database, or its newest one."""
     store = BackupDirectory(settings.backup.directory)
-    backups = store.backups(settings.db.database)  # BackupDirError: the directory is unusable
     if backup_id is None:
+        backups = store.backups(settings.db.database)  # BackupDirError: directory unusable
         if not backups:
             raise VerifyError(f"no backups of {settings.db.database} in {store.root}")
         return backups[-1]
+    store.check()  # only the named manifest is read: other files' problems are not ours here
     try:
         manifest = store.load(backup_id)
     except (ManifestInvalid, UnsafeEntry) as invalid:

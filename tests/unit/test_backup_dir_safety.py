@@ -588,3 +588,16 @@ def test_metrics_answer_when_the_directory_is_missing(tmp_path: Path) -> None:
     registry = _scrape(settings_for(tmp_path / "misspelled"))
     assert registry.get_sample_value("dbops_backup_directory_readable") == 0.0
     assert registry.get_sample_value("dbops_backup_retained") == 0.0
+
+
+def test_prune_keeps_a_backup_whose_read_lock_is_a_planted_link(
+    backups: Path, outside: Path
+) -> None:
+    ids = [f"2026010{day}T030000Z-aaaaa{day}" for day in range(1, 3)]
+    for backup_id in ids:
+        plant(backups, backup_id, good_manifest(backup_id))
+    os.symlink(outside / "passwd", backups / f".dbops-read-{ids[0]}.lock")
+    result = prune(keep_one(backups))
+    assert result.deleted == []
+    assert "symbolic link" in result.skipped[ids[0]]
+    assert (backups / f"{ids[0]}.dump").exists()
