@@ -339,7 +339,8 @@ def resolve(settings: Settings, backup_id: str | None) -> Manifest:
     if manifest is None or not manifest.path:
         raise VerifyError(f"no backup {backup_id} in {store.root}")
     if not manifest.ok:
-        raise VerifyError(f"{backup_id} is a failed run ({manifest.error}), not a backup")
+        error = "".join(c if c.isprintable() else "?" for c in manifest.error or "")
+        raise VerifyError(f"{backup_id} is a failed run ({error}), not a backup")
     problem = store.data_problem(manifest)
     if problem == "missing":
         raise VerifyError(f"no backup {backup_id} in {store.root}")

@@ -55,6 +55,12 @@ def _fail(message: str) -> int:
     return EXIT_FAILED
 
 
+def printable(text: str) -> str:
+    """Text from a manifest on one terminal line: control characters escaped, so a planted
+    manifest cannot forge lines or move the cursor."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
@@ -162,7 +168,8 @@ def run_list(args: argparse.Namespace) -> int:
         print(
             f"{m.id:<24} {m.started.strftime('%Y-%m-%d %H:%M:%S'):<20} "
             f"{_megabytes(m.size_bytes):>10} {(m.duration_seconds or 0):>8.1f}s  "
-            f"{_verified(m):<15} {m.status}{' (' + (m.error or '') + ')' if not m.ok else ''}"
+            f"{_verified(m):<15} {m.status}"
+            f"{' (' + printable(m.error or '') + ')' if not m.ok else ''}"
         )
     return EXIT_OK
 
@@ -181,7 +188,7 @@ def run_verify(args: argparse.Namespace) -> int:
         print(json.dumps(as_dict(manifest, verification), indent=2))
     else:
         state = "ok" if verification.ok else "FAILED"
-        print(f"{manifest.id} {verification.kind} {state}: {verification.detail}")
+        print(f"{manifest.id} {verification.kind} {state}: {printable(verification.detail)}")
     return EXIT_OK if verification.ok else EXIT_FAILED
 
 

@@ -601,3 +601,12 @@ def test_prune_keeps_a_backup_whose_read_lock_is_a_planted_link(
     assert result.deleted == []
     assert "symbolic link" in result.skipped[ids[0]]
     assert (backups / f"{ids[0]}.dump").exists()
+
+
+def test_manifest_text_is_printed_on_one_line_with_control_characters_escaped() -> None:
+    from ops.commands.backup import printable
+
+    assert printable("pg_dump failed\nbackup 2026 ok\x1b[2K") == (
+        "pg_dump failed\\nbackup 2026 ok\\x1b[2K"
+    )
+    assert printable("ünïcødé table") == "ünïcødé table"
