@@ -193,6 +193,8 @@ class BackupService:
             self.counters.pruned.inc(len(result.deleted))
             if result.deleted:
                 log.info("retention deleted %d backup(s): %s", len(result.deleted), result.deleted)
+        except OSError as error:  # an unusable directory or a planted entry: one line
+            log.error("retention after backup %s failed: %s", manifest.id, error)
         except Exception:
             log.exception("retention after backup %s failed", manifest.id)
 
@@ -204,7 +206,7 @@ class BackupService:
             self.counters.verifications.labels("ok" if verification.ok else "failed").inc()
         except DrillCancelled as cancelled:
             log.warning("%s", cancelled)
-        except (VerifyError, LockHeld) as problem:
+        except (VerifyError, LockHeld, OSError) as problem:
             self.counters.verifications.labels("failed").inc()
             log.error("restore drill not run: %s", problem)
         except Exception:

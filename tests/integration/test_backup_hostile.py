@@ -16,16 +16,18 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from ops.backup.lock import RUN_LOCK, reading
 from ops.backup.manifest import BackupDirectory, Manifest
 from ops.backup.runner import run_backup
+from ops.backup.service import BackupService
 from tests.conftest import Server, env_for
 from tests.integration.backup_helpers import (
     REPO,
@@ -411,3 +413,28 @@ def test_prune_skips_a_backup_held_by_a_reader_while_other_readers_share_it(
     finally:
         release.set()
         thread.join(30)
+
+
+@pytest.mark.parametrize("runner", ["cli", "sidecar"])
+def test_a_run_keeps_its_own_backup_when_another_hosts_clock_is_minutes_ahead(
+    source: URL, backups: Path, runner: str
+) -> None:
+    """Within the skew tolerance a manifest dated ahead is trusted, so it is the "newest";
+    keep-last-1 would then delete the backup the run just took, were it not protected."""
+    settings = settings_for(source, backups, **KEEP_ONE)
+    real = run_backup(settings)
+    ahead = datetime.now(UTC) + timedelta(minutes=4)
+    skewed = f"{ahead:%Y%m%dT%H%M%SZ}-aaaaa9"
+    copy_as(backups, real, skewed)
+    (backups / f"{real.id}.json").unlink()
+    if runner == "cli":
+        done = ops(source, backups, "backup", "run", "--json", **KEEP_ONE)
+        assert done.returncode == 0, done.stderr
+        taken = json.loads(done.stdout)["backup"]["id"]
+    else:
+        service = BackupService(settings, CollectorRegistry())
+        service.backup_job()
+        assert service.counters.runs.labels("ok")._value.get() == 1.0
+        taken = max(p.name[:-5] for p in backups.glob("*.json") if p.name[:-5] != skewed)
+    remaining = {m.id for m in BackupDirectory(backups).backups(str(source.database))}
+    assert remaining == {taken, skewed}
