@@ -5,9 +5,10 @@ across containers that share the volume. The kernel drops the lock when the hold
 killed run never leaves the directory locked; the holder's description written into the file is
 only there to tell the loser who it lost to.
 
-Lock files are opened with ``O_NOFOLLOW`` and must be plain files with no other hard link: the
-holder record is written into the file, and a lock file planted as a link to something else
-would otherwise have us truncate that.
+Lock files are opened with ``O_NOFOLLOW`` and must be regular files: a lock file planted as a
+symbolic link to something else would otherwise have us truncate that. One with other hard
+links (planted, or a hard-link snapshot of the directory) still locks, but its content is
+neither written nor shown.
 
 Readers of a backup (restore, verification) hold a shared lock on that backup's own lock file
 (:func:`reading`); retention takes it exclusively without waiting, and keeps the backup for now
@@ -50,12 +51,15 @@ def open_lock_file(path: Path, *, writable: bool = True) -> int:
         if exc.errno == errno.ELOOP:
             raise UnsafeEntry(path, "is a symbolic link; refusing to use it as a lock") from None
         raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        why = "is not a regular file" if not stat.S_ISREG(info.st_mode) else "has other links"
-        raise UnsafeEntry(path, f"{why}; refusing to use it as a lock")
+        raise UnsafeEntry(path, "is not a regular file; refusing to use it as a lock")
     return fd
+
+
+def _ours_alone(fd: int) -> bool:
+    """No other name points at this file: writing the holder record cannot reach elsewhere."""
+    return os.fstat(fd).st_nlink == 1
 
 
 def manifest_lock(directory: Path, purpose: str) -> DirectoryLock:
@@ -91,11 +95,13 @@ class DirectoryLock:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = _describe_holder(fd)
+                    holder = _describe_holder(fd) if _ours_alone(fd) else "another process"
                     os.close(fd)
                     raise LockHeld(self.path, holder) from None
                 time.sleep(0.05)
         self._fd = fd
+        if not _ours_alone(fd):
+            return
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -113,7 +119,8 @@ class DirectoryLock:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)
+            if _ours_alone(fd):
+                os.ftruncate(fd, 0)
         except OSError:
             pass
         finally:

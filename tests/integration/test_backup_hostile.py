@@ -438,3 +438,19 @@ def test_a_run_keeps_its_own_backup_when_another_hosts_clock_is_minutes_ahead(
         taken = max(p.name[:-5] for p in backups.glob("*.json") if p.name[:-5] != skewed)
     remaining = {m.id for m in BackupDirectory(backups).backups(str(source.database))}
     assert remaining == {taken, skewed}
+
+
+@pytest.mark.parametrize(
+    "hostile_id", ["../outside/passwd", "/etc/passwd", "20260101T030000Z-aaaaaa/../../x", "-h"]
+)
+def test_a_hostile_backup_id_on_the_command_line_is_one_line_and_touches_nothing(
+    pg: Server, source: URL, backups: Path, outside: Path, hostile_id: str
+) -> None:
+    real = run_backup(settings_for(source, backups))
+    before, dbs = snapshot(backups), databases(pg)
+    verified = ops(source, backups, "backup", "verify", "--", hostile_id)
+    one_line(verified, 1, "verify failed")
+    restored = ops(source, backups, "backup", "restore", "--target-db", "x", "--", hostile_id)
+    one_line(restored, 1, "restore failed")
+    assert snapshot(backups) == before and databases(pg) == dbs
+    assert ops(source, backups, "backup", "verify", real.id).returncode == 0

@@ -29,6 +29,7 @@ from ops.backup.lock import (
     reading,
 )
 from ops.backup.manifest import (
+    MANIFEST_MAX_BYTES,
     STATUS_OK,
     BackupDirectory,
     BackupDirError,
@@ -233,9 +234,13 @@ def test_an_unparseable_manifest_is_skipped_with_one_warning(
 def test_a_manifest_that_is_not_utf8_or_too_big_is_skipped(backups: Path) -> None:
     plant(backups, GOOD, good_manifest(GOOD))
     (backups / f"{OTHER}.json").write_bytes(b'{"id": "\xff"}')
+    huge = "20260103T030000Z-cccccc"
+    with open(backups / f"{huge}.json", "wb") as handle:  # sparse: cheap to make
+        handle.truncate(MANIFEST_MAX_BYTES + 1)
     store = BackupDirectory(backups)
     assert [m.id for m in store.manifests()] == [GOOD]
     assert "not UTF-8" in store.invalid[f"{OTHER}.json"]
+    assert "larger than" in store.invalid[f"{huge}.json"]
 
 
 def test_a_symlinked_manifest_is_not_followed(
@@ -394,10 +399,16 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(
     assert not (outside / "nowhere").exists()
 
 
-def test_a_hard_linked_or_special_lock_file_is_refused(backups: Path, outside: Path) -> None:
+def test_a_hard_linked_lock_file_locks_but_is_never_written(backups: Path, outside: Path) -> None:
     os.link(outside / "passwd", backups / RUN_LOCK)
-    with pytest.raises(UnsafeEntry, match="other links"):
-        DirectoryLock(backups).acquire()
+    lock = DirectoryLock(backups, purpose="backup run")
+    lock.acquire()
+    with pytest.raises(LockHeld, match="locked by another process"):
+        DirectoryLock(backups).acquire()  # and the file's content is not shown
+    lock.release()
+
+
+def test_a_special_lock_file_is_refused(backups: Path) -> None:
     os.mkfifo(backups / ".dbops-drill.lock")
     with pytest.raises(UnsafeEntry, match="not a regular file"):
         DirectoryLock(backups, ".dbops-drill.lock").acquire()
