@@ -5,8 +5,11 @@ The run opens a REPEATABLE READ transaction, exports its snapshot, hands it to `
 in the manifest therefore describe exactly the data in the dump, which is what lets the restore
 drill compare for equality instead of "roughly".
 
-Publication order: dump into ``.dbops-tmp-<id>.dump`` (pg_dump fsyncs its output), hash, rename to
-``<id>.dump``, fsync the directory, then write the manifest. Until the manifest exists the dump is
+Publication order: dump into ``.dbops-tmp-<id>/<id>.dump`` (pg_dump fsyncs its output), hash,
+rename to ``<id>.dump``, fsync the directory, then write the manifest. The temporary directory is
+made by this run (``mkdir`` fails on any existing name, a planted link included) and is private
+to it, so pg_dump, which opens its output by name and follows links, never writes through a
+link someone placed in the backup directory. Until the manifest exists the dump is
 not a backup; a failed or interrupted run deletes its temporary files and records a manifest with
 ``status: failed`` and no data, which nothing treats as a backup.
 
@@ -180,7 +183,8 @@ def _dump(
     started, clock = utc_now(), time.monotonic()
     backup_id = new_backup_id(started)
     final_name = f"{backup_id}.{'dump' if backup.format == 'custom' else 'dir'}"
-    temp = store.temp_path(final_name)
+    workdir = store.temp_path(backup_id)
+    temp = workdir / final_name
     manifest = Manifest(
         id=backup_id,
         database=settings.db.database,
@@ -191,6 +195,7 @@ def _dump(
     )
     engine = backup_engine(settings.db)
     try:
+        workdir.mkdir(mode=PRIVATE_DIR_MODE)  # never an existing name: nothing planted is used
         tool = find_tool("pg_dump", backup.bindir)
         manifest.pg_dump_version = tool.version
         with engine.connect() as connection:
@@ -216,6 +221,7 @@ def _dump(
         os.replace(temp, store.root / final_name)
         manifest.path = final_name  # from here on a failure must remove the published dump
         fsync_directory(store.root)
+        remove_path(workdir)
         manifest.status = STATUS_OK
         _finish(manifest, clock)
         store.write(manifest)
@@ -229,7 +235,7 @@ def _dump(
         )
         return manifest
     except BaseException as exc:
-        remove_path(temp)
+        remove_path(workdir)
         if manifest.path:  # published, but the manifest could not be written
             remove_path(store.root / manifest.path)
             manifest.path = None

@@ -454,3 +454,19 @@ def test_a_hostile_backup_id_on_the_command_line_is_one_line_and_touches_nothing
     one_line(restored, 1, "restore failed")
     assert snapshot(backups) == before and databases(pg) == dbs
     assert ops(source, backups, "backup", "verify", real.id).returncode == 0
+
+
+def test_links_planted_at_a_runs_own_names_are_replaced_never_written_through(
+    source: URL, backups: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backup_id = "20260101T030000Z-abcdef"
+    monkeypatch.setattr("ops.backup.runner.new_backup_id", lambda now=None: backup_id)
+    os.symlink(outside / "tree", backups / f".dbops-tmp-{backup_id}")
+    os.symlink(outside / "secret.dump", backups / f"{backup_id}.dump")
+    os.symlink(outside / "passwd", backups / f"{backup_id}.json")
+    manifest = run_backup(settings_for(source, backups))
+    assert manifest.ok and manifest.id == backup_id
+    for name in (f"{backup_id}.dump", f"{backup_id}.json"):
+        assert not (backups / name).is_symlink()
+    assert not (backups / f".dbops-tmp-{backup_id}").exists()
+    assert ops(source, backups, "backup", "verify", backup_id).returncode == 0
