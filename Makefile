@@ -60,11 +60,15 @@ bench: $(STAMP)
 	$(BIN)/pytest -s tests/benchmarks
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
-# make up | down | ps | logs [SERVICE=ops] | backup | restore ID=... [TARGET_DB=name] [FORCE=1]
-# make psql | demo (WORKLOAD_MODE=saturate for pool saturation) | e2e
+# make up | down | ps | logs [SERVICE=ops] | backup | backups | verify [ID=...] [DRILL=1]
+# make restore ID=... [TARGET_DB=name] [FORCE=1] | psql | demo (WORKLOAD_MODE=saturate) | demo-stop
+# Each runs in the stack's containers (the sidecar for backups); `ops` on the host is for host
+# installs.
 STACK := $(PYTHON) docker/stack.py
+# A make variable as one shell word, whatever quotes it holds.
+quote = '$(subst ','\'',$(1))'
 
-.PHONY: up down ps logs backup restore psql demo
+.PHONY: up down ps logs backup backups verify restore psql demo demo-stop
 
 up:
 	@$(STACK) up
@@ -81,15 +85,24 @@ logs:
 backup:
 	@$(STACK) backup
 
+backups:
+	@$(STACK) backups $(if $(ALL),--all)
+
+verify:
+	@$(STACK) verify $(if $(DRILL),--drill) $(if $(ID),-- $(call quote,$(ID)))
+
 restore:
-	@test -n "$(ID)" || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1]" >&2; exit 2; }
-	@$(STACK) restore '$(ID)' $(if $(TARGET_DB),--target-db '$(TARGET_DB)') $(if $(FORCE),--force)
+	@test -n $(call quote,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] (make backups lists the ids)" >&2; exit 2; }
+	@$(STACK) restore $(if $(TARGET_DB),--target-db $(call quote,$(TARGET_DB))) $(if $(FORCE),--force) -- $(call quote,$(ID))
 
 psql:
 	@$(STACK) psql
 
 demo:
 	@$(STACK) demo
+
+demo-stop:
+	@$(STACK) demo-stop
 
 # End to end on real containers: builds the image, runs the stack under its own project name and
 # ports, and removes it afterwards. Needs a Docker engine. Bounded: after 15 minutes pytest is

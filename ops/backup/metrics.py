@@ -110,6 +110,11 @@ class BackupCollector(Collector):
         yield gauge("dbops_backup_retained", "Good backups kept in BACKUP_DIR.", float(len(good)))
         drills = [m.last_success("drill") for m in trusted]
         yield gauge(
+            "dbops_backup_oldest_timestamp_seconds",
+            "When the oldest good backup kept in BACKUP_DIR finished (0: none).",
+            _timestamp(good[0].finished if good else None),
+        )
+        yield gauge(
             "dbops_backup_verify_last_success_timestamp_seconds",
             "When a restore drill last succeeded (0: never).",
             max((_timestamp(d) for d in drills if d and not is_future(d, now)), default=0.0),
