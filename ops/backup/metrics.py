@@ -112,7 +112,7 @@ class BackupCollector(Collector):
         yield gauge(
             "dbops_backup_oldest_timestamp_seconds",
             "When the oldest good backup kept in BACKUP_DIR finished (0: none).",
-            _timestamp(good[0].finished if good else None),
+            _timestamp(trusted[0].finished if trusted else None),
         )
         yield gauge(
             "dbops_backup_verify_last_success_timestamp_seconds",
