@@ -65,8 +65,12 @@ from ops.backup.pgtools import (
     quote_ident,
 )
 from ops.settings import BackupSettings, Settings
+from ops.units import human_size
 
 log = logging.getLogger(__name__)
+# The one summary line of a good run, for the sidecar's log. `ops backup run` prints its own
+# result instead and quiets this logger, so a run through `make backup` says it once.
+summary = logging.getLogger("ops.backup.summary")
 
 POLL_SECONDS = 0.2
 Progress = Callable[[int], None]  # bytes written so far
@@ -225,11 +229,11 @@ def _dump(
         manifest.status = STATUS_OK
         _finish(manifest, clock)
         store.write(manifest)
-        log.info(
-            "backup %s ok: %s, %.1f MB in %.2fs, %d tables",
+        summary.info(
+            "backup %s ok: %s, %s in %.2fs, %d tables",
             backup_id,
             final_name,
-            manifest.size_bytes / 1e6,
+            human_size(manifest.size_bytes),
             manifest.duration_seconds or 0.0,
             len(manifest.tables),
         )

@@ -52,6 +52,7 @@ from ops.backup.pgtools import (
 )
 from ops.backup.runner import count_rows
 from ops.backup.toc import read_toc, restorable, restore_rights
+from ops.hints import spell
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -337,13 +338,17 @@ def resolve(settings: Settings, backup_id: str | None) -> Manifest:
     except (ManifestInvalid, UnsafeEntry) as invalid:
         raise VerifyError(f"backup {backup_id} cannot be trusted: {invalid}") from None
     if manifest is None or not manifest.path:
-        raise VerifyError(f"no backup {backup_id} in {store.root}")
+        raise VerifyError(
+            f"no backup {backup_id} in {store.root} ({spell('ops backup list')} lists them)"
+        )
     if not manifest.ok:
         error = "".join(c if c.isprintable() else "?" for c in manifest.error or "")
         raise VerifyError(f"{backup_id} is a failed run ({error}), not a backup")
     problem = store.data_problem(manifest)
     if problem == "missing":
-        raise VerifyError(f"no backup {backup_id} in {store.root}")
+        raise VerifyError(
+            f"no backup {backup_id} in {store.root} ({spell('ops backup list')} lists them)"
+        )
     if problem is not None:
         raise VerifyError(f"backup {backup_id}: {data_name(backup_id, manifest.format)} {problem}")
     return manifest

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from typing import Any
 
 from db.errors import error_line
 from ops.settings import Settings, load_settings
+from ops.units import human_size
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -61,10 +63,6 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
-
-
 def run_backup(args: argparse.Namespace) -> int:
     from ops.backup.lock import LockHeld
     from ops.backup.prune import prune
@@ -74,10 +72,12 @@ def run_backup(args: argparse.Namespace) -> int:
     settings = load_settings()
     tty = sys.stderr.isatty()
     pruned: list[str] = []
+    # the result is printed below; the sidecar's summary log line would say it a second time
+    logging.getLogger("ops.backup.summary").setLevel(logging.WARNING)
     _interrupt_on_sigterm()
 
     def progress(size: int) -> None:
-        print(f"\rdumping {settings.db.database}: {_megabytes(size)}", end="", file=sys.stderr)
+        print(f"\rdumping {settings.db.database}: {human_size(size)}", end="", file=sys.stderr)
 
     def retention(taken: Any) -> None:
         try:  # the backup just taken is never pruned by its own run, whatever the clocks say
@@ -98,7 +98,7 @@ def run_backup(args: argparse.Namespace) -> int:
         print(json.dumps({"backup": _row(manifest), "pruned": pruned}, indent=2))
     else:
         print(
-            f"backup {manifest.id} ok: {_megabytes(manifest.size_bytes)} in "
+            f"backup {manifest.id} ok: {human_size(manifest.size_bytes)} in "
             f"{manifest.duration_seconds:.1f}s, {len(manifest.tables)} tables"
         )
         if pruned:
@@ -167,7 +167,7 @@ def run_list(args: argparse.Namespace) -> int:
     for m in shown:
         print(
             f"{m.id:<24} {m.started.strftime('%Y-%m-%d %H:%M:%S'):<20} "
-            f"{_megabytes(m.size_bytes):>10} {(m.duration_seconds or 0):>8.1f}s  "
+            f"{human_size(m.size_bytes):>10} {(m.duration_seconds or 0):>8.1f}s  "
             f"{_verified(m):<15} {m.status}"
             f"{' (' + printable(m.error or '') + ')' if not m.ok else ''}"
         )
