@@ -25,17 +25,22 @@ _KEYWORD = re.compile(
     (?P<value>'(?:[^'\\]|\\.)*(?:'|$)|"(?:[^"\\]|\\.)*(?:"|$)|[^\s&]+)
     """
 )
-# scheme://USERINFO@ -- greedy, so the userinfo runs to the LAST '@' of the token: a password
-# holding an unencoded '@' is hidden whole, never just up to its first '@'.
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s'\"<>]*)@")
+# scheme:// and the rest of its token. The userinfo runs to the token's LAST '@': a password
+# holding an unencoded '@' is hidden whole, never just up to its first '@'. Each match takes
+# the whole token, so the work stays linear in the text's length, whatever the text.
+_URL = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]{0,31}://)(?P<rest>[^\s'\"<>]*)")
 _PLAIN_USER = re.compile(r"^[^:/?#@\[\]]*$")
 
 
 def _userinfo(match: re.Match[str]) -> str:
-    user, colon, _password = match.group("userinfo").partition(":")
+    scheme = match.group("scheme")
+    userinfo, at, after = match.group("rest").rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _password = userinfo.partition(":")
     if not _PLAIN_USER.match(user):
-        return f"{match.group('scheme')}{REDACTED}@"  # cannot tell the name from the password
-    return f"{match.group('scheme')}{user}{':' + REDACTED if colon else ''}@"
+        return f"{scheme}{REDACTED}@{after}"  # cannot tell the name from the password
+    return f"{scheme}{user}{':' + REDACTED if colon else ''}@{after}"
 
 
 def _keyword(match: re.Match[str]) -> str:
@@ -46,7 +51,7 @@ def _keyword(match: re.Match[str]) -> str:
 
 def redact(text: str) -> str:
     """``text`` with every password form in it replaced by ``***``."""
-    return _USERINFO.sub(_userinfo, _KEYWORD.sub(_keyword, text))
+    return _URL.sub(_userinfo, _KEYWORD.sub(_keyword, text))
 
 
 def redact_url(url: URL) -> str:

@@ -79,6 +79,10 @@ def url_problem(url: URL) -> str | None:
         # It would win over the path, and over every database the jobs pick (restore targets,
         # verification scratch databases), sending their work to the wrong one.
         return "query parameter dbname is not allowed: name the database in the URL's path"
+    if "service" in url.query:
+        # pg_dump and pg_restore get their target in PGDATABASE, and libpq lets a service
+        # file's settings win over environment variables.
+        return "query parameter service is not allowed: spell the connection out in the URL"
     for key, value in url.query.items():
         values = [value] if isinstance(value, str) else list(value)
         for item in values:

@@ -40,7 +40,6 @@ _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 _LIBPQ_QUERY_ENV = {
     "hostaddr": "PGHOSTADDR",
     "passfile": "PGPASSFILE",
-    "service": "PGSERVICE",
     "channel_binding": "PGCHANNELBINDING",
     "options": "PGOPTIONS",
     "client_encoding": "PGCLIENTENCODING",

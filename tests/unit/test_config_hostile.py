@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,7 @@ def test_zero_statement_timeout_still_means_none() -> None:
         ("keepalives=2", "keepalives"),
         ("no_such_option=1", "not a libpq connection parameter"),
         ("dbname=other", "dbname is not allowed"),
+        ("service=prod", "service is not allowed"),
     ],
 )
 def test_url_query_parameters_libpq_would_refuse_are_refused(query: str, reason: str) -> None:
@@ -404,3 +406,12 @@ def test_libpq_env_turns_sqlalchemy_multi_host_into_libpq_lists() -> None:
     env = libpq_env(settings.url)
     assert (env["PGHOST"], env["PGPORT"]) == ("h1,h2", "5432,5433")
     assert env["PGTARGETSESSIONATTRS"] == "read-write"
+
+
+@pytest.mark.parametrize("piece", ["a.a.", "x://", "password='", "p://u:@", "://@"])
+def test_redact_stays_linear_on_hostile_text(piece: str) -> None:
+    """A log line can carry text from outside (an alert's summary): no backtracking blow-up."""
+    text = piece * (1_000_000 // len(piece))
+    started = time.perf_counter()
+    redact(text)
+    assert time.perf_counter() - started < 5
