@@ -87,18 +87,12 @@ class EnvReader:
             self.problem(f"{name}_FILE", path, f"set together with {name}; set only one")
             return None
         if path is None:
-            value = direct
-        else:
-            try:
-                value = read_secret_file(path)
-            except ValueError as exc:
-                self.problem(f"{name}_FILE", path, str(exc))
-                return None
-        if value is not None and "\x00" in value:
-            shown = f"{name}_FILE" if path is not None else name
-            self.problem(shown, path, "holds a NUL character", secret=path is None)
+            return direct
+        try:
+            return read_secret_file(path)
+        except ValueError as exc:
+            self.problem(f"{name}_FILE", path, str(exc))
             return None
-        return value
 
     def _typed(self, name: str, default: T, convert: Callable[[str], T], reason: str) -> T:
         value = self.raw(name)
@@ -236,9 +230,12 @@ def read_secret_file(path: str) -> str:
     finally:
         os.close(fd)
     try:
-        return data.decode("utf-8").rstrip("\r\n")
+        text = data.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
+    if "\x00" in text:  # libpq and the C strings behind it would cut the value there
+        raise ValueError("holds a NUL character")
+    return text
 
 
 def _check_range(number: float, minimum: float | None, maximum: float | None) -> None:
