@@ -21,7 +21,7 @@ REDACTED = "***"
 # quoted one to its closing quote, or to the end of the text when the quote is never closed.
 _KEYWORD = re.compile(
     r"""(?ix)
-    (?P<key>password['"]?\s*[=:]\s*)
+    (?P<key>password\\?['"]?\s*(?:[=:]|%3d)\s*)
     (?P<value>'(?:[^'\\]|\\.)*(?:'|$)|"(?:[^"\\]|\\.)*(?:"|$)|[^\s&]+)
     """
 )

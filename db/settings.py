@@ -18,7 +18,7 @@ from typing import TypeVar
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from db.redact import REDACTED, redact_unparsed_url, redact_url
+from db.redact import REDACTED, redact, redact_unparsed_url, redact_url
 from db.urls import INT_MAX, url_problem, url_text_problem
 
 T = TypeVar("T")
@@ -73,7 +73,7 @@ class EnvReader:
         self.problems: list[str] = []
 
     def problem(self, name: str, value: str | None, reason: str, *, secret: bool = False) -> None:
-        shown = REDACTED if secret else _shown(value or "")
+        shown = REDACTED if secret else redact(_shown(value or ""))
         self.problems.append(f"{name} {shown}: {reason}")
 
     def raw(self, name: str) -> str | None:

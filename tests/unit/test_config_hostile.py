@@ -196,6 +196,8 @@ def test_config_show_redacts_query_password_of_both_urls(
         (f"PGPASSWORD={PASSWORD} pg_dump", PASSWORD),
         (f'{{"password": "{PASSWORD}", "user": "u"}}', PASSWORD),
         (f"sslpassword={PASSWORD}", PASSWORD),
+        (f'{{\\"password\\": \\"{PASSWORD}\\"}}', PASSWORD),  # JSON inside a JSON string
+        (f"dsn=host%3Dh%20password%3D{PASSWORD}", PASSWORD),  # a percent-encoded conninfo
         (f"password='{PASSWORD}", PASSWORD),  # quote never closed
         (f'could not connect to "postgresql://u:{PASSWORD}@h/db"', PASSWORD),
     ],
@@ -415,3 +417,14 @@ def test_redact_stays_linear_on_hostile_text(piece: str) -> None:
     started = time.perf_counter()
     redact(text)
     assert time.perf_counter() - started < 5
+
+
+def test_password_pasted_into_an_ordinary_variable_is_redacted_in_its_problem() -> None:
+    problems = problems_for(
+        {
+            "BACKUP_SCHEDULE": f"password={PASSWORD}",
+            "BACKUP_COMPRESSION": f"postgresql://u:{PASSWORD}@db/app",
+        }
+    )
+    assert len(problems) == 2 and all("***" in p for p in problems), problems
+    assert_no_fragment("\n".join(problems), PASSWORD)
