@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from db.redact import REDACTED, redact, redact_unparsed_url, redact_url
-from db.urls import INT_MAX, url_problem, url_text_problem
+from db.urls import INT_MAX, name_problem, url_problem, url_text_problem
 
 T = TypeVar("T")
 
@@ -318,13 +318,17 @@ def _database_url(reader: EnvReader) -> URL | None:
         return url
     host = reader.string("POSTGRES_HOST", "localhost")
     port = reader.integer("POSTGRES_PORT", 5432, minimum=1, maximum=65535)
+    names = {name: reader.string(name, "dbops") for name in ("POSTGRES_USER", "POSTGRES_DB")}
+    for name, value in names.items():
+        if (reason := name_problem(value)) is not None:
+            reader.problem(name, value, reason)
     return URL.create(
         "postgresql+psycopg2",
-        username=reader.string("POSTGRES_USER", "dbops"),
+        username=names["POSTGRES_USER"],
         password=reader.secret("POSTGRES_PASSWORD"),
         host=host,
         port=port,
-        database=reader.string("POSTGRES_DB", "dbops"),
+        database=names["POSTGRES_DB"],
     )
 
 

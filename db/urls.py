@@ -13,6 +13,7 @@ import re
 from sqlalchemy.engine import URL
 
 INT_MAX = 2**31 - 1  # libpq parses integer parameters into a C int
+NAME_BYTES = 63  # PostgreSQL cuts longer database and role names: one would log in elsewhere
 # Query parameters libpq reads as integers, and the ranges it (or the server) accepts.
 _INTEGER_PARAMETERS = {
     "connect_timeout": (0, INT_MAX),
@@ -75,6 +76,9 @@ def url_problem(url: URL) -> str | None:
     """Why a parsed URL would fail at connection time, or ``None``."""
     if url.port is not None and not 0 < url.port < 65536:
         return "port must be 1-65535"
+    for part, name in (("database", url.database), ("user", url.username)):
+        if (reason := name_problem(name or "")) is not None:
+            return f"{part} name {reason}"
     if "dbname" in url.query:
         # It would win over the path, and over every database the jobs pick (restore targets,
         # verification scratch databases), sending their work to the wrong one.
@@ -95,6 +99,15 @@ def url_problem(url: URL) -> str | None:
                 if not (item.isascii() and item.isdigit() and low <= int(item) <= high):
                     return f"query parameter {key} must be a whole number {low}-{high}"
     return _unknown_parameter(url)
+
+
+def name_problem(name: str) -> str | None:
+    """Why PostgreSQL would not take ``name`` as it is for a database or role, or ``None``."""
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_BYTES:
+        return f"is longer than {NAME_BYTES} bytes, where PostgreSQL would cut it"
+    if any(not c.isprintable() for c in name):
+        return "holds a control character"
+    return None
 
 
 def _unknown_parameter(url: URL) -> str | None:

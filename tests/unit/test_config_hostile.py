@@ -322,6 +322,22 @@ def test_url_query_parameters_libpq_would_refuse_are_refused(query: str, reason:
     assert_no_fragment(problems[0], PASSWORD)
 
 
+def test_database_and_user_names_postgresql_would_cut_are_refused() -> None:
+    long_name = "é" * 32  # 32 characters, 64 bytes
+    problems = problems_for(
+        {
+            "DATABASE_URL": f"postgresql://u:{PASSWORD}@h/{long_name}",
+            "MONITOR_DATABASE_URL": f"postgresql://{'m' * 64}:{PASSWORD}@h/app",
+        }
+    )
+    assert len(problems) == 2, problems
+    assert "database name is longer than 63 bytes" in problems[0]
+    assert "user name is longer than 63 bytes" in problems[1]
+    assert_no_fragment("\n".join(problems), PASSWORD)
+    problems = problems_for({"POSTGRES_DB": long_name, "POSTGRES_USER": "a" * 64})
+    assert [p.split(" ")[0] for p in problems] == ["POSTGRES_USER", "POSTGRES_DB"]
+
+
 def test_url_port_beyond_65535_is_refused() -> None:
     problems = problems_for({"DATABASE_URL": f"postgresql://u:{PASSWORD}@h:65536/app"})
     assert problems == ["DATABASE_URL postgresql://u:***@h:65536/app: port must be 1-65535"]
