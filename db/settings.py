@@ -284,6 +284,7 @@ def read_postgres_url(
     text = reader.secret(name)
     if text is None:
         return False, None
+    text = text.strip()  # a stray space or newline around the URL is no part of it
     password = reader.secret(password_variable)  # read (and checked) whatever the URL says
     if (reason := url_text_problem(text, password_variable)) is not None:
         reader.problem(name, redact_unparsed_url(text), reason)

@@ -444,3 +444,9 @@ def test_password_pasted_into_an_ordinary_variable_is_redacted_in_its_problem() 
     )
     assert len(problems) == 2 and all("***" in p for p in problems), problems
     assert_no_fragment("\n".join(problems), PASSWORD)
+
+
+def test_whitespace_around_a_url_is_no_part_of_it(tmp_path: Path) -> None:
+    (tmp_path / "url").write_text("postgresql://u:pw@db/app\r\n")
+    assert load_db_settings({"DATABASE_URL": " postgresql://u:pw@db/app "}).url.host == "db"
+    assert load_db_settings({"DATABASE_URL_FILE": str(tmp_path / "url")}).url.database == "app"
