@@ -48,8 +48,8 @@ def url_text_problem(text: str, password_variable: str) -> str | None:
             end = min(end, found)
     authority = rest[:end]
     rfc_userinfo = authority.rpartition("@")[0] if "@" in authority else None
-    sqlalchemy = _SQLALCHEMY_USERINFO.match(rest)
-    sqlalchemy_userinfo = rest[: sqlalchemy.end() - 1] if sqlalchemy else None
+    match = _SQLALCHEMY_USERINFO.match(rest)
+    sqlalchemy_userinfo = rest[: match.end() - 1] if match else None
     if rfc_userinfo != sqlalchemy_userinfo:
         return ambiguous_userinfo_hint(password_variable)
     if rfc_userinfo is not None and (
@@ -112,15 +112,15 @@ def name_problem(name: str) -> str | None:
 
 def _unknown_parameter(url: URL) -> str | None:
     """A query key the installed libpq does not know fails every connection: say so now."""
+    from psycopg2 import ProgrammingError
     from psycopg2.extensions import parse_dsn
 
     for key in url.query:
-        # A stray '&' in a password makes its tail a key: name only what looks like a keyword.
-        named = key if re.fullmatch(r"[a-z_]{1,40}", key) else "(not shown)"
+        if not re.fullmatch(r"[a-z_]{1,40}", key):
+            # A stray '&' in a password makes its tail a key: only a keyword's name is shown.
+            return "a query parameter name is no libpq keyword (not shown: it may be a password)"
         try:
-            if named != key:
-                raise ValueError(key)
             parse_dsn(f"{key}=''")
-        except Exception:
-            return f"query parameter {named} is not a libpq connection parameter"
+        except ProgrammingError:
+            return f"query parameter {key} is not a libpq connection parameter"
     return None
