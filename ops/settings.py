@@ -6,6 +6,7 @@ sidecar alike, before any connection or thread starts.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -30,6 +31,11 @@ LOG_FORMATS = ("text", "json")
 _COMPRESSION = re.compile(r"^(?:[0-9]|(?P<method>none|gzip|lz4|zstd)(?::(?P<level>\d{1,2}))?)$")
 # The levels pg_dump 16+ accepts per method (src/common/compression.c); "none" takes none.
 COMPRESSION_LEVELS = {"gzip": (1, 9), "lz4": (1, 12), "zstd": (1, 22), "none": (0, 0)}
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
+    re.ASCII,
+)
 _LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\s]*):(?P<port>\d{1,5})$")
 
 
@@ -52,7 +58,21 @@ def parse_listen(text: str) -> tuple[str, int]:
     match = _LISTEN.match(text.strip())
     if not match or not 0 < int(match.group("port")) < 65536:
         raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:9188")
-    return match.group("host").strip("[]"), int(match.group("port"))
+    host = match.group("host").strip("[]")
+    if not _is_listen_host(host, bracketed=match.group("host").startswith("[")):
+        raise ValueError("host must be an IP address or a host name, e.g. 0.0.0.0:9188")
+    return host, int(match.group("port"))
+
+
+def _is_listen_host(host: str, *, bracketed: bool) -> bool:
+    """An address the server could bind: checked here, not found out at bind time."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed or re.fullmatch(r"[0-9.]+", host):
+            return False  # 999.1.1.1 would go to DNS as a name
+        return host == "" or _HOST_NAME.fullmatch(host) is not None
+    return address.version == 6 if bracketed else address.version == 4
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,10 @@ def test_every_value_that_would_fail_at_runtime_is_listed_at_once(
         ("BACKUP_COMPRESSION", "none:5", "no level"),
         ("DB_APPLICATION_NAME", "é" * 40, "ASCII"),
         ("OPS_APPLICATION_NAME", "side\tcar", "printable"),
+        ("OPS_LISTEN", "999.1.1.1:9188", "IP address or a host name"),
+        ("OPS_LISTEN", "[::g]:9188", "HOST:PORT"),
+        ("OPS_LISTEN", "[127.0.0.1]:9188", "IP address or a host name"),
+        ("OPS_LISTEN", "bad_host!:9188", "IP address or a host name"),
     ],
 )
 def test_value_that_fails_at_runtime_is_refused(name: str, value: str, reason: str) -> None:
