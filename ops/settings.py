@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
-from db.redact import REDACTED, redact_url
+from db.redact import REDACTED, redact, redact_url
 from db.seed.settings import SeedSettings, read_seed_settings
 from db.settings import (
     DbSettings,
@@ -232,8 +232,8 @@ def describe(settings: Settings) -> dict[str, dict[str, Any]]:
                 entry = redact_url(entry)
             elif item.metadata.get("secret"):
                 entry = REDACTED if entry is not None else None
-            elif isinstance(entry, Path):
-                entry = str(entry)
+            elif isinstance(entry, Path | str):
+                entry = redact(str(entry))  # a password pasted where it does not belong
             entries[item.name] = entry
         shown[section.name] = entries
     return shown

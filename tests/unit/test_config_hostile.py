@@ -439,6 +439,18 @@ def test_redact_stays_linear_on_hostile_text(piece: str) -> None:
     assert time.perf_counter() - started < 5
 
 
+def test_config_show_redacts_a_password_pasted_into_an_ordinary_variable(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("DB_APPLICATION_NAME", f"password={PASSWORD}")
+    clean_env.setenv("OPS_APPLICATION_NAME", f"sidecar host=db password='{PASSWORD}'")
+    for flag in ([], ["--json"]):
+        assert main(["config", "show", *flag]) == 0
+        out = capsys.readouterr().out
+        assert "password=***" in out
+        assert_no_fragment(out, PASSWORD)
+
+
 def test_password_pasted_into_an_ordinary_variable_is_redacted_in_its_problem() -> None:
     problems = problems_for(
         {
