@@ -64,11 +64,8 @@ def url_text_problem(text: str, password_variable: str) -> str | None:
     if any(item and "=" not in item for item in query.split("&")):
         # SQLAlchemy drops such an item: the tail of a password cut by an unencoded '&'.
         return "a query item has no '=' (an unencoded '&' in a value?): percent-encode it (%26)"
-    if "@" in path:
-        return (
-            "holds an '@' after the host, usually a password with an unencoded '/' or '?': "
-            "percent-encode the password, or set it in " + password_variable
-        )
+    if "@" in path:  # user:pa/ss@host: the '@' lands after the host, the '/' ends it
+        return ambiguous_userinfo_hint(password_variable)
     return None
 
 
