@@ -26,13 +26,17 @@ from sqlalchemy.engine import Engine
 from db.engine import create_engine
 from db.errors import error_line
 from db.metrics import instrument
-from ops.http import AlertReceiver, HttpServer, SidecarApp
+from ops.alerts import AlertReceiver
+from ops.http import HttpLimits, HttpServer, SidecarApp
 from ops.settings import Settings
 
 log = logging.getLogger("ops.daemon")
 
 HEARTBEAT_SECONDS = 5.0
 LOOP_SECONDS = 0.5
+# Compose gives 30 s between SIGTERM and SIGKILL; stopping takes at most this, then ``ops serve``
+# exits even if a thread is still stuck on a frozen database (it cannot be interrupted).
+SHUTDOWN_SECONDS = 8.0
 
 
 class Component(Protocol):
@@ -177,8 +181,16 @@ class Daemon:
                 previous[signum] = signal.signal(signum, self.request_stop)
         try:
             try:
-                app = SidecarApp(self.registry, self.health, self.readiness.check, self.alerts)
-                self.http = HttpServer(sidecar.listen_host, sidecar.listen_port, app)
+                limits = http_limits(self.settings)
+                app = SidecarApp(
+                    self.registry,
+                    self.health,
+                    self.readiness.check,
+                    self.alerts,
+                    alerts_token=sidecar.alerts_token,
+                    limits=limits,
+                )
+                self.http = HttpServer(sidecar.listen_host, sidecar.listen_port, app, limits)
             except OSError as error:
                 log.error(
                     "cannot listen on %s:%s: %s", sidecar.listen_host, sidecar.listen_port, error
@@ -205,6 +217,8 @@ class Daemon:
                 self.http.port,
                 ", ".join(component.name for component in self.components),
             )
+            if sidecar.alerts_token is None:
+                log.warning("POST /alerts is off: set OPS_ALERTS_TOKEN or OPS_ALERTS_TOKEN_FILE")
             while not self._stop.wait(LOOP_SECONDS):
                 self._loop_beat = time.monotonic()
             log.info("stopping on %s", self._signal)
@@ -215,6 +229,11 @@ class Daemon:
                 signal.signal(signum, handler)
 
     def _shutdown(self) -> None:
+        """Stop each part in turn, within ``SHUTDOWN_SECONDS`` in all, whatever the database does.
+
+        Each step runs on a thread of its own: a step stuck on a frozen server (disposing a
+        pool whose connection is mid-query) is left behind, logged, and the next one runs.
+        """
         steps: list[tuple[str, Any]] = []
         if self.http is not None:
             steps.append(("http server", self.http.shutdown))
@@ -222,9 +241,34 @@ class Daemon:
             steps.append(("scheduler", lambda: self.scheduler.shutdown(wait=False)))
         steps += [(component.name, component.stop) for component in self.components]
         steps.append(("readiness engine", self.readiness.stop))
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         for name, stop in steps:
-            try:
-                stop()
-            except Exception as error:
-                log.error("stopping %s failed: %s", name, error)
+            errors: list[BaseException] = []
+
+            def run(stop: Any = stop, errors: list[BaseException] = errors) -> None:
+                try:
+                    stop()
+                except Exception as error:
+                    errors.append(error)
+
+            worker = threading.Thread(target=run, name=f"stop {name}", daemon=True)
+            worker.start()
+            worker.join(max(0.1, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.error("stopping %s did not finish in time; leaving it", name)
+            elif errors:
+                log.error("stopping %s failed: %s", name, errors[0])
         log.info("stopped")
+
+
+def http_limits(settings: Settings) -> HttpLimits:
+    sidecar = settings.sidecar
+    return HttpLimits(
+        threads=sidecar.http_threads,
+        connection_limit=sidecar.http_connections,
+        idle_timeout=sidecar.http_idle_timeout,
+        backlog=sidecar.http_backlog,
+        deadline=sidecar.http_deadline,
+        # the exporter answers by its own deadline (2 x query timeout + 1 s); this adds the rest
+        metrics_deadline=sidecar.http_deadline + 2 * sidecar.query_timeout + 1,
+    )
