@@ -9,6 +9,7 @@ failing job becomes a metric and a log line, never a dead loop.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -37,6 +38,29 @@ LOOP_SECONDS = 0.5
 # Compose gives 30 s between SIGTERM and SIGKILL; stopping takes at most this, then ``ops serve``
 # exits even if a thread is still stuck on a frozen database (it cannot be interrupted).
 SHUTDOWN_SECONDS = 8.0
+# An interpreter that has not run the main loop for this long is frozen: see FreezeWatchdog.
+FREEZE_SECONDS = 20.0
+
+
+class FreezeWatchdog:
+    """Ends the process when the interpreter has stood still for ``seconds``.
+
+    A C call that blocks while holding the GIL stops every Python thread, signal handlers
+    included, and SIGTERM then waits for SIGKILL. psycopg2's ``connection.cancel()`` does that
+    against a frozen server (libpq's PQcancel waits for the server's answer with the GIL held).
+    faulthandler's watchdog is a C thread that needs no GIL: the main loop re-arms it twice a
+    second, so it fires only when the loop has not run for ``seconds``; it writes every thread's
+    stack to stderr, to show what froze, and exits with code 1.
+    """
+
+    def __init__(self, seconds: float = FREEZE_SECONDS) -> None:
+        self.seconds = seconds
+
+    def feed(self) -> None:
+        faulthandler.dump_traceback_later(self.seconds, exit=True)
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
 
 
 class Component(Protocol):
@@ -144,6 +168,7 @@ class Daemon:
         self._loop_beat = time.monotonic()
         self._scheduler_beat = time.monotonic()
         self.http: HttpServer | None = None
+        self.watchdog = FreezeWatchdog()
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -219,12 +244,15 @@ class Daemon:
             )
             if sidecar.alerts_token is None:
                 log.warning("POST /alerts is off: set OPS_ALERTS_TOKEN or OPS_ALERTS_TOKEN_FILE")
+            self.watchdog.feed()
             while not self._stop.wait(LOOP_SECONDS):
                 self._loop_beat = time.monotonic()
+                self.watchdog.feed()
             log.info("stopping on %s", self._signal)
             return 0
         finally:
-            self._shutdown()
+            self._shutdown()  # still watched: a stop step that freezes the interpreter ends it
+            self.watchdog.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
