@@ -76,3 +76,57 @@ def test_different_keys_run_separately() -> None:
     flight: SingleFlight[Hashable] = SingleFlight(lambda key: key, "test")
     assert flight.call(1, "a") == "a"
     assert flight.call(1, ("b", 2)) == ("b", 2)
+
+
+def _get(app: object, path: str) -> tuple[str, str, float]:
+    captured: dict[str, str] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        captured["status"] = status
+
+    started = time.monotonic()
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": ""}
+    body = b"".join(app(environ, start_response))  # type: ignore[operator]
+    return captured["status"], body.decode(), time.monotonic() - started
+
+
+def test_every_endpoint_answers_by_its_deadline_when_the_work_behind_it_hangs() -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    from ops.alerts import AlertReceiver
+    from ops.http import HttpLimits, SidecarApp
+
+    hang = threading.Event()
+
+    class Frozen(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            hang.wait(30)
+            yield GaugeMetricFamily("late", "never in time", value=1)
+
+    def stuck_check() -> tuple[bool, dict[str, object]]:
+        hang.wait(30)
+        return True, {}
+
+    registry = CollectorRegistry()
+    registry.register(Frozen())
+    app = SidecarApp(
+        registry,
+        stuck_check,
+        stuck_check,
+        AlertReceiver(),
+        limits=HttpLimits(deadline=0.3, metrics_deadline=0.5),
+    )
+    try:
+        status, body, took = _get(app, "/readyz")
+        assert status.startswith("503") and 0.25 < took < 1.0
+        assert "readiness check gave no answer within 0.3s" in body
+        status, body, took = _get(app, "/healthz")
+        assert status.startswith("503") and '"healthy": false' in body and took < 1.0
+        status, body, took = _get(app, "/metrics")
+        assert status.startswith("503") and "not collected within 0.5s" in body and took < 1.5
+        status, _, took = _get(app, "/metrics")  # joins the overdue collection: at once
+        assert status.startswith("503") and took < 0.1
+    finally:
+        hang.set()
