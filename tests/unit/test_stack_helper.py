@@ -175,3 +175,30 @@ def test_headline_queries_name_recording_rules_that_exist() -> None:
     for _, expr in stack.HEADLINE_QUERIES:
         if ":" in expr:
             assert f"record: {expr}\n" in rules, expr
+
+
+def test_an_older_env_file_gets_the_webhook_token_appended_and_keeps_its_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stack.env"
+    before = "".join(f"{name}=operator-chosen-{name.lower()}\n" for name in stack.SECRETS[:-1])
+    path.write_text(before)
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path)})
+    the_stack.ensure_env_file()
+    text = path.read_text()
+    assert text.startswith(before)
+    token = stack.read_env_file(path)["OPS_ALERTS_TOKEN"]
+    assert len(token) >= 24 and stack.URL_SAFE.match(token)
+    the_stack.ensure_env_file()
+    assert path.read_text() == text  # once only
+
+
+def test_an_empty_or_weak_webhook_token_is_refused_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    others = "".join(f"{name}=operator-chosen-{name.lower()}\n" for name in stack.SECRETS[:-1])
+    for value in ("", "short", "has spaces in the token"):
+        path.write_text(others + f"OPS_ALERTS_TOKEN={value}\n")
+        with pytest.raises(stack.StackError) as caught:
+            stack.Stack({"STACK_ENV_FILE": str(path)}).ensure_env_file()
+        assert "OPS_ALERTS_TOKEN" in str(caught.value)
+        assert stack.read_env_file(path)["OPS_ALERTS_TOKEN"] == value.strip()
