@@ -40,7 +40,8 @@ bench: $(STAMP)
 	$(BIN)/pytest -s tests/benchmarks
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
-# make up | down | ps | logs [SERVICE=ops] | backup | restore ID=... [TARGET_DB=name] [FORCE=1]
+# make up | down | ps | logs [SERVICE=ops] | backup
+# make restore ID=... [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1]
 # make psql | demo (WORKLOAD_MODE=saturate for pool saturation) | e2e
 STACK := $(PYTHON) docker/stack.py
 
@@ -61,9 +62,12 @@ logs:
 backup:
 	@$(STACK) backup
 
+# Values reach the shell single-quoted, their own quotes escaped: a name is data, never a command.
+quoted = '$(subst ','\'',$(1))'
+
 restore:
-	@test -n "$(ID)" || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1]" >&2; exit 2; }
-	@$(STACK) restore '$(ID)' $(if $(TARGET_DB),--target-db '$(TARGET_DB)') $(if $(FORCE),--force)
+	@test -n $(call quoted,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1]" >&2; exit 2; }
+	@$(STACK) restore $(if $(TARGET_DB),--target-db=$(call quoted,$(TARGET_DB))) $(if $(FORCE),--force) $(if $(REPLACE_LIVE),--replace-live) $(if $(ALLOW_POSTGRES_DB),--allow-postgres-db) -- $(call quoted,$(ID))
 
 psql:
 	@$(STACK) psql

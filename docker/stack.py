@@ -395,14 +395,28 @@ def cmd_backup(stack: Stack, args: argparse.Namespace) -> int:
     return stack.run_compose("exec", *exec_args(), "ops", "ops", "backup", "run", check=False)
 
 
-def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
+def restore_compose_args(stack: Stack, args: argparse.Namespace) -> list[str]:
+    """The compose arguments of a restore; the name and id go to ``ops`` as data, never options.
+
+    An ordinary restore runs in the sidecar as the backup role, which may create databases.
+    Replacing the live database runs as its owner (db-init's role) in a one-off db-init
+    container: the backup role can neither rename the live database nor end its sessions.
+    """
     target = args.target_db or "{}_restore_{}".format(
         stack.setting("POSTGRES_DB", "dbops"), re.sub(r"[^a-z0-9]+", "_", args.id.lower())
     )
-    command = ["ops", "backup", "restore", args.id, "--target-db", target]
-    if args.force:
-        command.append("--force")
-    return stack.run_compose("exec", *exec_args(), "ops", *command, check=False)
+    command = ["backup", "restore", f"--target-db={target}"]
+    command += ["--force"] if args.force else []
+    command += ["--replace-live"] if args.replace_live else []
+    command += ["--allow-postgres-db"] if args.allow_postgres_db else []
+    command += ["--", args.id]
+    if args.replace_live:
+        return ["run", "--rm", "--no-deps", *exec_args(), "db-init", *command]
+    return ["exec", *exec_args(), "ops", "ops", *command]
+
+
+def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
+    return stack.run_compose(*restore_compose_args(stack, args), check=False)
 
 
 def cmd_psql(stack: Stack, args: argparse.Namespace) -> int:
@@ -435,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("id")
     restore.add_argument("--target-db", default="")
     restore.add_argument("--force", action="store_true")
+    restore.add_argument("--replace-live", action="store_true")
+    restore.add_argument("--allow-postgres-db", action="store_true")
     restore.set_defaults(handler=cmd_restore)
     psql = commands.add_parser("psql", help="psql as the database owner (extra arguments: psql's)")
     psql.set_defaults(handler=cmd_psql)
