@@ -215,6 +215,7 @@ def run_restore(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else settings.backup.jobs
     if jobs < 1:
         return _fail("-j must be at least 1")
+    _interrupt_on_sigterm()  # so a stopped restore still drops its staging database
     try:
         result = restore_backup(
             settings,

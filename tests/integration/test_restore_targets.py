@@ -6,6 +6,9 @@ the one asked for changed (row counts, and the list of databases before and afte
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -23,8 +26,9 @@ from ops.backup.restore import RestoreError, _restore, restore_backup
 from ops.backup.runner import run_backup
 from ops.backup.target import STAGING_PREFIX, kept_name
 from ops.backup.toc import read_toc
-from tests.conftest import Server
-from tests.integration.backup_helpers import data_only_dump, ops, populate, settings_for
+from tests.conftest import Server, env_for
+from tests.integration.backup_helpers import REPO, data_only_dump, ops, populate, settings_for
+from tests.pgcluster import wait_for
 
 COUNTED = ("public.payload", '"Odd Schema"."Mixed Case"')
 
@@ -385,3 +389,44 @@ def test_a_role_that_cannot_rename_the_target_is_refused_before_anything_is_crea
     assert "only its owner" in refused.stderr and len(refused.stderr.splitlines()) == 1
     assert databases(pg) == before
     assert row_counts(pg, victim) == counts
+
+
+def test_a_restore_stopped_with_sigterm_drops_its_staging_database(
+    pg: Server, migrated_db: URL, tmp_path: Path
+) -> None:
+    populate(migrated_db, rows=30_000)  # a restore that lasts long enough to be stopped
+    backup = run_backup(settings_for(migrated_db, tmp_path))
+    before = databases(pg)
+    target = f"{migrated_db.database}_stopped"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "backup", "restore", backup.id, "--target-db", target],
+        env=env_for(migrated_db, BACKUP_DIR=str(tmp_path)),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: any(db.startswith(STAGING_PREFIX) for db in databases(pg)), 30)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert databases(pg) == before
+    assert pg_restore_processes() == []
+
+
+def pg_restore_processes() -> list[int]:
+    """Pids of pg_restore processes writing into a staging database."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 1 and argv[0].endswith(b"pg_restore") and STAGING_PREFIX.encode() in argv[1]:
+            found.append(int(entry.name))
+    return found
