@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from db.errors import error_line
 from ops.backup.pgtools import RESTORE_APPLICATION_NAME, backup_engine, quote_ident
 from ops.backup.target import MAINTENANCE_DB
 from ops.settings import Settings
@@ -147,8 +148,14 @@ def swap_in(
         _allow_connections(connection, kept, True)
     try:
         rename(connection, staging, target)
-    except BaseException:
-        rename(connection, kept, target)  # put it back; the caller drops the staging copy
+    except SQLAlchemyError as error:
+        try:
+            rename(connection, kept, target)  # put it back; the caller drops the staging copy
+        except SQLAlchemyError:
+            raise ReplaceError(
+                f"could not name the restored database {target} ({error_line(error)}) nor "
+                f"rename {kept} back: the old database is kept as {kept}"
+            ) from error
         raise
     _carry_owner_and_grants(connection, kept, target, state.owner)
 

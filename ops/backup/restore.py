@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.errors import error_line
@@ -122,19 +123,7 @@ def restore_backup(
             replace.create(connection, staging)
             try:
                 total = _restore(settings, tool, toc, archive, staging, jobs, progress, target)
-                if state is None:
-                    replace.rename(connection, staging, target)
-                else:
-                    log.warning(
-                        "replacing database %s; the current one is kept as %s", target, kept
-                    )
-                    replace.swap_in(connection, staging, target, kept, state)
-            except SQLAlchemyError as error:
-                replace.drop_staging(connection, staging)
-                raise RestoreError(
-                    f"could not give the restored database the name {target}, "
-                    f"so it was dropped: {error_line(error)}"
-                ) from error
+                _take_name(connection, staging, target, kept, state)
             except BaseException:
                 replace.drop_staging(connection, staging)
                 raise
@@ -146,6 +135,28 @@ def restore_backup(
     return RestoreResult(
         manifest.id, target, time.monotonic() - clock, total, replaced, kept if replaced else None
     )
+
+
+def _take_name(
+    connection: Connection,
+    staging: str,
+    target: str,
+    kept: str,
+    state: replace.TargetState | None,
+) -> None:
+    """Give the filled staging database the target's name, keeping any database it replaces."""
+    try:
+        if state is None:
+            replace.rename(connection, staging, target)
+        else:
+            log.warning("replacing database %s; the current one is kept as %s", target, kept)
+            replace.swap_in(connection, staging, target, kept, state)
+    except SQLAlchemyError as error:
+        kept_as_it_was = f", {target} is as it was" if state is not None else ""
+        raise RestoreError(
+            f"the restore succeeded but could not take the name {target} "
+            f"({error_line(error)}): the restored copy was dropped{kept_as_it_was}"
+        ) from error
 
 
 def _replacing(

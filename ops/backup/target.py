@@ -94,7 +94,7 @@ def check_target(
         problem = "the maintenance database tools connect to by default; "
         problem += "add --allow-postgres-db to restore into it"
     if problem is None and name in live and not (force and replace_live):
-        problem = f"is {live[name]}: replacing it needs --force --replace-live "
+        problem = f"this is {live[name]}: replacing it needs --force --replace-live "
         problem += "(the current database is renamed and kept, not dropped)"
     if problem is None and replace_live and name not in live:
         names = ", ".join(sorted(live)) or "none"

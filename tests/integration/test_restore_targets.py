@@ -430,3 +430,33 @@ def pg_restore_processes() -> list[int]:
         if len(argv) > 1 and argv[0].endswith(b"pg_restore") and STAGING_PREFIX.encode() in argv[1]:
             found.append(int(entry.name))
     return found
+
+
+def test_a_replace_that_cannot_end_the_target_sessions_leaves_it_open_and_unchanged(
+    pg: Server, source: URL, backup: Manifest, tmp_path: Path, restorer: tuple[str, str]
+) -> None:
+    user, password = restorer
+    target = f"t_{uuid.uuid4().hex[:12]}"
+    pg.execute(f'CREATE DATABASE "{target}" OWNER {user} TEMPLATE template0')
+    pg.execute("CREATE TABLE precious (x int); INSERT INTO precious VALUES (1)", target)
+    before = databases(pg)
+    superuser = create_engine(pg.url(target))
+    session = superuser.connect()  # a superuser's session the owner may not end
+    try:
+        refused = ops(
+            source.set(username=user, password=password), tmp_path,
+            "backup", "restore", backup.id, "--target-db", target, "--force",
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "could not take the name" in refused.stderr and "is as it was" in refused.stderr
+        assert "superuser" in refused.stderr
+        assert databases(pg) == before
+        assert session.execute(text("SELECT count(*) FROM precious")).scalar() == 1
+        engine = create_engine(pg.url(target))  # new sessions are accepted again
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM precious")).scalar() == 1
+        engine.dispose()
+    finally:
+        session.close()
+        superuser.dispose()
+        pg.drop_database(target)
