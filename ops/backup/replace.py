@@ -38,6 +38,7 @@ OBJECTS_SQL = text(
 TARGET_SQL = text(
     """
     SELECT pg_get_userbyid(d.datdba) AS owner, d.datallowconn AS allows_connections,
+           d.datistemplate AS is_template,
            r.rolsuper OR (pg_has_role(d.datdba, 'USAGE') AND r.rolcreatedb) AS can_rename
     FROM pg_database d, pg_roles r
     WHERE d.datname = :name AND r.rolname = current_user
@@ -56,6 +57,7 @@ class TargetState:
     allows_connections: bool
     can_rename: bool
     objects: int
+    is_template: bool = False
 
 
 def admin_engine(settings: Settings, avoid: set[str]) -> Engine:
@@ -86,14 +88,20 @@ def inspect_target(settings: Settings, connection: Connection, name: str) -> Tar
     if row is None:
         return None
     objects = 0
-    if row.allows_connections:
+    if row.allows_connections and not row.is_template:
         engine = backup_engine(settings.db, name, application_name=RESTORE_APPLICATION_NAME)
         try:
             with engine.connect() as target:
                 objects = int(target.execute(OBJECTS_SQL).scalar_one())
         finally:
             engine.dispose()
-    return TargetState(str(row.owner), bool(row.allows_connections), bool(row.can_rename), objects)
+    return TargetState(
+        str(row.owner),
+        bool(row.allows_connections),
+        bool(row.can_rename),
+        objects,
+        bool(row.is_template),
+    )
 
 
 def create(connection: Connection, name: str) -> None:

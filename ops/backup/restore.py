@@ -36,7 +36,14 @@ from ops.backup.pgtools import (
     first_error_line,
     libpq_env,
 )
-from ops.backup.target import check_target, conninfo, kept_name, staging_name
+from ops.backup.target import (
+    TargetError,
+    check_target,
+    conninfo,
+    kept_name,
+    shown,
+    staging_name,
+)
 from ops.backup.toc import RestoreList, read_toc, restorable, restore_rights
 from ops.backup.verify import checksum_problems, resolve
 from ops.settings import Settings
@@ -82,7 +89,7 @@ def restore_backup(
     jobs: int = 1,
     progress: Progress | None = None,
 ) -> RestoreResult:
-    """Raises :class:`~ops.backup.target.TargetError` (bad usage) before reading anything."""
+    """Raises :class:`~ops.backup.target.TargetError` (bad usage) before anything changes."""
     options = {"force": force, "replace_live": replace_live, "allow_postgres": allow_postgres}
     check_target(target, live=live_databases(settings), **options)
     try:
@@ -107,6 +114,11 @@ def restore_backup(
     try:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             state = replace.inspect_target(settings, connection, target)
+            if state is not None and state.is_template:
+                raise TargetError(
+                    f"--target-db {shown(target)}: is a template database (IS_TEMPLATE true); "
+                    "what a restore put there would be copied into every database made from it"
+                )
             replacing = _replacing(settings, manifest, target, state, force)
             if state is not None and not replacing:  # empty: restore straight into it
                 total = _restore(settings, tool, toc, archive, target, jobs, progress, target)

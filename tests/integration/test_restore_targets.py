@@ -460,3 +460,24 @@ def test_a_replace_that_cannot_end_the_target_sessions_leaves_it_open_and_unchan
         session.close()
         superuser.dispose()
         pg.drop_database(target)
+
+
+def test_a_database_marked_as_template_is_refused_even_with_force(
+    pg: Server, source: URL, backup: Manifest, tmp_path: Path
+) -> None:
+    template = pg.create_database()
+    pg.execute(f'ALTER DATABASE "{template}" IS_TEMPLATE true')
+    before = databases(pg)
+    try:
+        for extra in ([], ["--force"]):
+            refused = ops(
+                source, tmp_path, "backup", "restore", backup.id, "--target-db", template, *extra
+            )
+            assert refused.returncode == 2, refused.stderr
+            assert "is a template database" in refused.stderr
+            assert len(refused.stderr.splitlines()) == 1
+            assert databases(pg) == before
+            assert objects(pg, template) == 0
+    finally:
+        pg.execute(f'ALTER DATABASE "{template}" IS_TEMPLATE false')
+        pg.drop_database(template)
