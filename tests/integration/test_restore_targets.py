@@ -481,3 +481,50 @@ def test_a_database_marked_as_template_is_refused_even_with_force(
     finally:
         pg.execute(f'ALTER DATABASE "{template}" IS_TEMPLATE false')
         pg.drop_database(template)
+
+
+def test_a_replaced_database_passes_its_owner_and_privileges_to_the_restored_one(
+    pg: Server, source: URL, backup: Manifest, tmp_path: Path, restorer: tuple[str, str]
+) -> None:
+    owner, _ = restorer
+    target = f"t_{uuid.uuid4().hex[:12]}"
+    pg.execute(f'CREATE DATABASE "{target}" OWNER {owner} TEMPLATE template0')
+
+    def grants(database: str) -> tuple[str, list[str]]:
+        engine = create_engine(pg.admin_url)
+        try:
+            with engine.connect() as connection:
+                row = connection.execute(
+                    text(
+                        "SELECT pg_get_userbyid(datdba),"
+                        " ARRAY(SELECT CASE a.grantee WHEN 0 THEN 'PUBLIC'"
+                        " ELSE pg_get_userbyid(a.grantee) END || ':' || a.privilege_type"
+                        " || ':' || a.is_grantable FROM aclexplode(datacl) a ORDER BY 1)"
+                        " FROM pg_database WHERE datname = :name"
+                    ),
+                    {"name": database},
+                ).one()
+                return str(row[0]), list(row[1])
+        finally:
+            engine.dispose()
+
+    try:
+        pg.execute(
+            f'REVOKE ALL ON DATABASE "{target}" FROM PUBLIC;'
+            f' GRANT CONNECT, TEMPORARY ON DATABASE "{target}" TO pg_monitor WITH GRANT OPTION'
+        )
+        pg.execute("CREATE TABLE precious (x int)", target)
+        expected = grants(target)
+        assert "pg_monitor:CONNECT:true" in expected[1] and expected[0] == owner
+        assert not any(entry.startswith("PUBLIC:") for entry in expected[1])
+        done = ops(
+            source, tmp_path, "backup", "restore", backup.id, "--target-db", target, "--force"
+        )
+        assert done.returncode == 0, done.stderr
+        [kept] = _kept(pg, target)
+        assert grants(kept) == expected
+        assert grants(target) == expected
+    finally:
+        pg.drop_database(target)
+        for name in _kept(pg, target):
+            pg.drop_database(name)
