@@ -504,12 +504,27 @@ def restore_target(stack: Stack, backup_id: str) -> str:
     )
 
 
-def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
+def restore_compose_args(stack: Stack, args: argparse.Namespace) -> list[str]:
+    """The compose arguments of a restore; the name and id go to ``ops`` as data, never options.
+
+    An ordinary restore runs in the sidecar as the backup role, which may create databases.
+    Replacing the live database runs as its owner (db-init's role) in a one-off db-init
+    container: the backup role can neither rename the live database nor end its sessions.
+    """
     target = args.target_db or restore_target(stack, args.id)
-    command = ["backup", "restore", "--target-db", target]
-    if args.force:
-        command.append("--force")
-    return ops_in_sidecar(stack, *command, "--", args.id)
+    command = ["backup", "restore", f"--target-db={target}"]
+    command += ["--force"] if args.force else []
+    command += ["--replace-live"] if args.replace_live else []
+    command += ["--allow-postgres-db"] if args.allow_postgres_db else []
+    command += ["--", args.id]
+    hints = ["-e", "OPS_HINTS=make"]  # messages name FORCE=1, not --force
+    if args.replace_live:
+        return ["run", "--rm", "--no-deps", *exec_args(), *hints, "db-init", *command]
+    return ["exec", *exec_args(), *hints, "ops", "ops", *command]
+
+
+def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
+    return stack.run_compose(*restore_compose_args(stack, args), check=False)
 
 
 def cmd_psql(stack: Stack, args: argparse.Namespace) -> int:
@@ -551,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("id")
     restore.add_argument("--target-db", default="")
     restore.add_argument("--force", action="store_true")
+    restore.add_argument("--replace-live", action="store_true")
+    restore.add_argument("--allow-postgres-db", action="store_true")
     restore.set_defaults(handler=cmd_restore)
     psql = commands.add_parser("psql", help="psql as the database owner (extra arguments: psql's)")
     psql.set_defaults(handler=cmd_psql)

@@ -202,3 +202,34 @@ def test_an_empty_or_weak_webhook_token_is_refused_not_replaced(tmp_path: Path) 
             stack.Stack({"STACK_ENV_FILE": str(path)}).ensure_env_file()
         assert "OPS_ALERTS_TOKEN" in str(caught.value)
         assert stack.read_env_file(path)["OPS_ALERTS_TOKEN"] == value.strip()
+
+
+def restore_args(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Compose arguments of ``make restore`` as run without a terminal (``-T``)."""
+    args = stack.build_parser().parse_args(["restore", *argv])
+    on_terminal = stack.exec_args
+    stack.exec_args = lambda: ["-T"]
+    try:
+        result: list[str] = stack.restore_compose_args(stack.Stack(env or {}), args)
+    finally:
+        stack.exec_args = on_terminal
+    return result
+
+
+def test_restore_passes_name_and_id_to_ops_as_values_never_as_options() -> None:
+    args = restore_args(["--target-db=--force", "--", "-x"])
+    assert args[-4:] == ["restore", "--target-db=--force", "--", "-x"]
+    assert "--force" not in args[:-4] and args[:2] == ["exec", "-T"]
+
+
+def test_restore_without_a_target_defaults_to_a_new_database_named_after_the_backup() -> None:
+    args = restore_args(["20261128T190903Z-4c8050"], {"POSTGRES_DB": "prod"})
+    assert "--target-db=prod_restore_20261128t190903z_4c8050" in args
+    assert args[2:6] == ["-e", "OPS_HINTS=make", "ops", "ops"]  # in the sidecar, as the backup role
+
+
+def test_replacing_the_live_database_runs_as_its_owner_in_a_one_off_init_container() -> None:
+    args = restore_args(["ID", "--target-db", "dbops", "--force", "--replace-live"])
+    assert args[:4] == ["run", "--rm", "--no-deps", "-T"]
+    assert args[6:9] == ["db-init", "backup", "restore"]
+    assert {"--force", "--replace-live"} <= set(args) and args[-2:] == ["--", "ID"]
