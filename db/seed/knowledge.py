@@ -18,6 +18,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from sqlalchemy import (
@@ -91,8 +92,28 @@ STAGING = Table(
 )
 _COPY_SQL = (
     f"COPY {STAGING.name} ({', '.join(c.name for c in STAGING.columns)}) "
-    "FROM STDIN WITH (FORMAT csv, ENCODING 'UTF8')"
+    "FROM STDIN WITH (FORMAT csv, ENCODING '{encoding}')"
 )
+# Server encodings Python can write: rows are sent in the database's own encoding, so a
+# character it cannot hold is found on its line here, not by the server somewhere in a buffer.
+# UTF8 and SQL_ASCII (no conversion) take UTF-8; any other is converted by the server.
+_CODECS = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": "utf-8",
+    "LATIN1": "latin-1",
+    **{
+        f"LATIN{n}": f"iso8859-{part}"
+        for n, part in zip(range(2, 11), (2, 3, 4, 9, 10, 13, 14, 15, 16), strict=True)
+    },
+    **{f"ISO_8859_{n}": f"iso8859-{n}" for n in range(5, 9)},
+    **{f"WIN{n}": f"cp{n}" for n in (866, 874, *range(1250, 1259))},
+    "KOI8R": "koi8-r",
+    "KOI8U": "koi8-u",
+    "EUC_JP": "euc-jp",
+    "EUC_JIS_2004": "euc-jis-2004",
+    "EUC_KR": "euc-kr",
+    "EUC_CN": "gb2312",
+}
 _COPY_CONTEXT = re.compile(r"COPY \w+, line (\d+)")
 
 
@@ -127,18 +148,18 @@ def _copy_row(seq: int, record: KnowledgeRecord) -> str:
 class _CopySource:
     """A file-like ``read()`` over generated rows, so ``copy_expert`` streams them as made."""
 
-    def __init__(self, rows: Iterator[str]) -> None:
+    def __init__(self, rows: Iterator[bytes]) -> None:
         self._rows = rows
 
     def read(self, size: int = -1) -> bytes:
-        parts: list[str] = []
-        length = 0  # in characters: at least ``size`` bytes once encoded
+        parts: list[bytes] = []
+        length = 0
         for row in self._rows:
             parts.append(row)
             length += len(row)
             if 0 <= size <= length:
                 break
-        return "".join(parts).encode()
+        return b"".join(parts)
 
 
 def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: int) -> int:
@@ -150,31 +171,47 @@ def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: i
     file_lines: array[int] = array("L")  # by seq: the line of the file the row came from
     copy_lines: array[int] = array("Q")  # by seq: the last line of COPY input the row is on
     sent = 0
+    raw: Any = connection.connection.driver_connection  # psycopg2's, for copy_expert
+    server_encoding = raw.get_parameter_status("server_encoding") or "UTF8"
+    codec = _CODECS.get(server_encoding, "utf-8")
+    encoding = server_encoding if server_encoding in _CODECS else "UTF8"
 
-    def rows() -> Iterator[str]:
+    def rows() -> Iterator[bytes]:
         nonlocal sent
         for record in records(read_lines(path, checker, **caps), checker):
-            if not checker.total:
-                row = _copy_row(len(file_lines) + 1, record)
-                sent += row.count("\n")  # quoted newlines count as lines in COPY's messages
-                file_lines.append(record.line)
-                copy_lines.append(sent)
-                yield row
+            if checker.total:
+                continue
+            row = _copy_row(len(file_lines) + 1, record)
+            try:
+                data = row.encode(codec)
+            except UnicodeEncodeError as error:
+                character = error.object[error.start : error.start + 1]
+                checker.problem(
+                    record.line,
+                    f"character {character!r} cannot be stored in the database's "
+                    f"encoding {server_encoding}",
+                )
+                continue
+            sent += row.count("\n")  # quoted newlines count as lines in COPY's messages
+            file_lines.append(record.line)
+            copy_lines.append(sent)
+            yield data
 
     STAGING.create(connection)
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    statement = _COPY_SQL.format(encoding=encoding)
+    cursor = raw.cursor()
     try:
-        cursor.copy_expert(_COPY_SQL, _CopySource(rows()), COPY_READ_BYTES)
+        cursor.copy_expert(statement, _CopySource(rows()), COPY_READ_BYTES)
     except (psycopg2.DataError, psycopg2.IntegrityError) as error:
-        # Checked values should not get here (a server encoding that cannot hold a character
-        # does); if one does, it is still reported with its line.
+        # Checked values should not get here. If one does, it is reported with the line COPY
+        # was on (exact for a value; for an encoding PostgreSQL converts, where it was reading).
         where = _COPY_CONTEXT.search(error.diag.context or "")
         seq = bisect_left(copy_lines, int(where.group(1))) if where else len(file_lines)
         line = file_lines[seq] if seq < len(file_lines) else 0
         reason = (error.diag.message_primary or str(error)).splitlines()[0]
         raise KnowledgeImportError([f"{path}:{line}: the database refused it: {reason}"]) from None
     except psycopg2.Error as error:
-        raise exc.DBAPIError.instance(_COPY_SQL, None, error, psycopg2.Error) from error
+        raise exc.DBAPIError.instance(statement, None, error, psycopg2.Error) from error
     finally:
         cursor.close()
     return len(file_lines)
