@@ -1,13 +1,13 @@
 """Migrating the previous knowledge store's export into ``knowledge_base``.
 
-The file is streamed: each line is checked (:mod:`db.seed.knowledge_export`) and, while the
-file is clean, sent straight into a ``COPY`` to a temporary table; nothing of it is held in
-memory beyond the line at hand and the ids seen so far. Every problem, unknown agents included,
-is reported in that one pass as ``FILE:LINE: reason``. Only a clean file reaches
-``knowledge_base``, through ``INSERT ... SELECT ... ON CONFLICT`` from the temporary table in
-the caller's transaction: a file lands completely or not at all. Entries are matched on their
-stable ``id`` (``external_id``), so importing a newer export updates what changed and leaves the
-rest; a re-run writes nothing.
+The file is streamed: each line is checked (:mod:`db.seed.knowledge_export`) and each good one
+sent straight into a ``COPY`` to a temporary table, so memory does not grow with the file.
+Every problem, unknown agents and repeated ids included, is reported after that one pass as
+``FILE:LINE: reason``. Only a clean file reaches ``knowledge_base``, through
+``INSERT ... SELECT ... ON CONFLICT`` from the temporary table in the caller's transaction: a
+file lands completely or not at all. Entries are matched on their stable ``id``
+(``external_id``), so importing a newer export updates what changed and leaves the rest; a
+re-run writes nothing.
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ from db.models import Agent, KnowledgeEntry
 from db.seed.knowledge_export import (
     MAX_EXPORT_BYTES,
     MAX_LINE_BYTES,
+    MAX_SHOWN_PROBLEMS,
     ExportChecker,
     KnowledgeImportError,
     KnowledgeRecord,
     ParsedExport,
+    duplicate_id,
     parse_export,
     parse_lines,
     read_lines,
@@ -115,6 +117,19 @@ _CODECS = {
     "EUC_CN": "gb2312",
 }
 _COPY_CONTEXT = re.compile(r"COPY \w+, line (\d+)")
+# Repeated ids among the staged rows, each after the line it first appeared on.
+_DUPLICATES = text(
+    f"""
+    SELECT staged.line, staged.external_id, firsts.line AS first, count(*) OVER () AS total
+    FROM {STAGING.name} AS staged
+    JOIN (
+        SELECT external_id, min(line) AS line FROM {STAGING.name}
+        GROUP BY external_id HAVING count(*) > 1
+    ) AS firsts ON firsts.external_id = staged.external_id AND staged.line > firsts.line
+    ORDER BY staged.line
+    LIMIT :shown
+    """
+)
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps's other defaults, as the ORM used
@@ -165,8 +180,8 @@ class _CopySource:
 def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: int) -> int:
     """COPY every good record of ``path`` into ``STAGING`` while checking the whole file.
 
-    Returns the number of rows staged. Once a problem is found no more rows are sent, but the
-    file is still read to the end to report every problem.
+    Returns the number of rows staged. Good rows are staged even after a problem, so that
+    repeated ids are found across the whole file; the table is dropped unused then.
     """
     file_lines: array[int] = array("L")  # by seq: the line of the file the row came from
     copy_lines: array[int] = array("Q")  # by seq: the last line of COPY input the row is on
@@ -179,8 +194,6 @@ def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: i
     def rows() -> Iterator[bytes]:
         nonlocal sent
         for record in records(read_lines(path, checker, **caps), checker):
-            if checker.total:
-                continue
             row = _copy_row(len(file_lines) + 1, record)
             try:
                 data = row.encode(codec)
@@ -245,6 +258,19 @@ def _upsert_staged(connection: Connection, first: int, last: int) -> UpsertCount
     return UpsertCounts(inserted, changed - inserted, (last - first) - changed)
 
 
+def _find_repeated_ids(connection: Connection, checker: ExportChecker) -> None:
+    """Report ids staged more than once. A unique index is the cheap proof there are none."""
+    try:
+        with connection.begin_nested():
+            connection.execute(text(f"CREATE UNIQUE INDEX ON {STAGING.name} (external_id)"))
+        return
+    except exc.IntegrityError:
+        pass
+    repeats = connection.execute(_DUPLICATES, {"shown": MAX_SHOWN_PROBLEMS}).all()
+    found = [(row.line, duplicate_id(row.external_id, row.first)) for row in repeats]
+    checker.add_problems(found, repeats[0].total if repeats else 0)
+
+
 def import_knowledge(
     connection: Connection,
     path: Path,
@@ -257,12 +283,13 @@ def import_knowledge(
     batch. ``caps`` (``max_bytes``, ``max_line_bytes``) lower the reading limits.
     """
     known_agents = frozenset(connection.execute(select(AGENTS_TABLE.c.name)).scalars())
-    checker = ExportChecker(path, known_agents)
+    checker = ExportChecker(path, known_agents, find_duplicates=False)
     # Reading the file paces the COPY, and a large export is written in large batches: a
     # per-statement limit meant for queries would cut the import short. Restored at the end.
     timeout = connection.execute(text("SELECT current_setting('statement_timeout')")).scalar()
     connection.execute(text("SET LOCAL statement_timeout = 0"))
     staged = _stage(connection, path, checker, **caps)
+    _find_repeated_ids(connection, checker)
     if checker.total:
         STAGING.drop(connection)
         raise checker.error()

@@ -207,11 +207,14 @@ class ExportChecker:
     """Checks an export line by line and keeps what an operator needs to fix it.
 
     ``known_agents``: the agent names that exist; ``None`` leaves agents unchecked (no database).
+    ``find_duplicates``: remember every id to report repeats; the import turns it off and asks
+    the database instead, so memory does not grow with the file.
     """
 
     path: Path
     known_agents: Collection[str] | None = None
-    shown: list[str] = field(default_factory=list)
+    find_duplicates: bool = True
+    shown: list[tuple[int, str]] = field(default_factory=list)  # (line, reason), in line order
     total: int = 0
     entries: int = 0
     _first_seen: dict[str, int] = field(default_factory=dict, repr=False)
@@ -219,12 +222,18 @@ class ExportChecker:
     def problem(self, number: int, reason: str) -> None:
         self.total += 1
         if len(self.shown) < MAX_SHOWN_PROBLEMS:
-            self.shown.append(f"{self.path}:{number}: {reason}")
+            self.shown.append((number, reason))
+
+    def add_problems(self, found: Iterable[tuple[int, str]], count: int) -> None:
+        """Problems found after the pass (in line order, ``count`` of them), merged by line."""
+        self.shown = sorted([*self.shown, *found], key=lambda item: item[0])[:MAX_SHOWN_PROBLEMS]
+        self.total += count
 
     @property
     def errors(self) -> list[str]:
         hidden = self.total - len(self.shown)
-        return self.shown + ([f"{self.path}: and {hidden} more"] if hidden else [])
+        shown = [f"{self.path}:{number}: {reason}" for number, reason in self.shown]
+        return shown + ([f"{self.path}: and {hidden} more"] if hidden else [])
 
     def error(self) -> KnowledgeImportError:
         return KnowledgeImportError(self.errors, self.total)
@@ -288,12 +297,17 @@ class ExportChecker:
     def _relation_problems(self, number: int, entry: dict[str, Any]) -> list[str]:
         problems = []
         external_id, agent = entry["id"], entry["agent"]
-        first = self._first_seen.setdefault(external_id, number)
-        if first != number:
-            problems.append(f"duplicate id {_shown(external_id)} (first on line {first})")
+        if self.find_duplicates:
+            first = self._first_seen.setdefault(external_id, number)
+            if first != number:
+                problems.append(duplicate_id(external_id, first))
         if agent is not None and self.known_agents is not None and agent not in self.known_agents:
             problems.append(f"unknown agent {_shown(agent)}")
         return problems
+
+
+def duplicate_id(external_id: str, first: int) -> str:
+    return f"duplicate id {_shown(external_id)} (first on line {first})"
 
 
 def read_lines(

@@ -146,6 +146,27 @@ def test_every_problem_is_reported_in_one_run(seeded: Engine, tmp_path: Path) ->
     assert snapshot(seeded) == before
 
 
+def test_repeated_ids_are_found_by_the_database_and_listed_in_line_order(
+    seeded: Engine, tmp_path: Path
+) -> None:
+    path = tmp_path / "export.jsonl"
+    lines = [good_line(1), "{oops", good_line(1), good_line(4, agent="ghost"), good_line(1)]
+    lines += [good_line(n) for n in range(6, 40_000)] + [good_line(7)]
+    path.write_text("\n".join(lines) + "\n")
+    before = snapshot(seeded)
+    code, err, _ = import_file(seeded, path)
+    assert code == 1
+    assert err[0].startswith(f"{path}:2: invalid JSON")
+    assert err[1:] == [
+        f"{path}:3: duplicate id 'h-1' (first on line 1)",
+        f"{path}:4: unknown agent 'ghost'",
+        f"{path}:5: duplicate id 'h-1' (first on line 1)",
+        f"{path}:{len(lines)}: duplicate id 'h-7' (first on line 7)",
+        "ops db: import rejected: 5 problem(s), nothing was written",
+    ]
+    assert snapshot(seeded) == before
+
+
 def test_problems_past_one_hundred_are_counted(seeded: Engine, tmp_path: Path) -> None:
     path = tmp_path / "export.jsonl"
     path.write_text("".join(good_line(n, agent=f"ghost-{n}") + "\n" for n in range(1, 151)))
