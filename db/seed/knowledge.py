@@ -39,13 +39,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from db.models import Agent, KnowledgeEntry
+from db.seed.knowledge_entry import KnowledgeRecord
 from db.seed.knowledge_export import (
     MAX_EXPORT_BYTES,
     MAX_LINE_BYTES,
     MAX_SHOWN_PROBLEMS,
     ExportChecker,
     KnowledgeImportError,
-    KnowledgeRecord,
     ParsedExport,
     duplicate_id,
     parse_export,
@@ -183,8 +183,8 @@ def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: i
     Returns the number of rows staged. Good rows are staged even after a problem, so that
     repeated ids are found across the whole file; the table is dropped unused then.
     """
-    file_lines: array[int] = array("L")  # by seq: the line of the file the row came from
-    copy_lines: array[int] = array("Q")  # by seq: the last line of COPY input the row is on
+    file_lines: array[int] = array("I")  # by seq: the line of the file the row came from
+    copy_lines: array[int] = array("I")  # by seq: the last line of COPY input the row is on
     sent = 0
     raw: Any = connection.connection.driver_connection  # psycopg2's, for copy_expert
     server_encoding = raw.get_parameter_status("server_encoding") or "UTF8"

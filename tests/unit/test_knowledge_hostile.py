@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from db.seed.knowledge_entry import MAX_INT_DIGITS, MAX_NESTING
 from db.seed.knowledge_export import (
-    MAX_INT_DIGITS,
     MAX_LINE_BYTES,
-    MAX_NESTING,
     MAX_SHOWN_PROBLEMS,
     parse_export,
     parse_lines,
@@ -98,6 +97,15 @@ def test_a_lone_surrogate_in_tags_or_metadata_is_reported(escaped: str, field: s
     errors = problems_of("{" + text + "}")
     assert errors == [
         f"kb.jsonl:2: field {field!r} contains an unpaired UTF-16 surrogate, which is not text"
+    ]
+
+
+def test_a_raw_lone_surrogate_in_already_decoded_text_is_reported() -> None:
+    # parse_lines takes str: a surrogate can arrive raw, not only as a \u escape
+    text = json.dumps({**GOOD, "title": "x"}, ensure_ascii=False).replace('"x"', '"raw \ud800"')
+    assert "\\u" not in text
+    assert problems_of(text) == [
+        "kb.jsonl:2: field 'title' contains an unpaired UTF-16 surrogate, which is not text"
     ]
 
 
