@@ -161,19 +161,28 @@ def _copy_row(seq: int, record: KnowledgeRecord) -> str:
 
 
 class _CopySource:
-    """A file-like ``read()`` over generated rows, so ``copy_expert`` streams them as made."""
+    """A file-like ``read()`` over generated rows, so ``copy_expert`` streams them as made.
+
+    psycopg2 turns anything raised in ``read()`` into ``QueryCanceled``; the original (Ctrl-C
+    included) is kept in ``failure`` to be raised again once the COPY has been abandoned.
+    """
 
     def __init__(self, rows: Iterator[bytes]) -> None:
         self._rows = rows
+        self.failure: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
         parts: list[bytes] = []
         length = 0
-        for row in self._rows:
-            parts.append(row)
-            length += len(row)
-            if 0 <= size <= length:
-                break
+        try:
+            for row in self._rows:
+                parts.append(row)
+                length += len(row)
+                if 0 <= size <= length:
+                    break
+        except BaseException as failure:
+            self.failure = failure
+            raise
         return b"".join(parts)
 
 
@@ -213,9 +222,14 @@ def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: i
     STAGING.create(connection)
     statement = _COPY_SQL.format(encoding=encoding)
     cursor = raw.cursor()
+    source = _CopySource(rows())
     try:
-        cursor.copy_expert(statement, _CopySource(rows()), COPY_READ_BYTES)
-    except (psycopg2.DataError, psycopg2.IntegrityError) as error:
+        cursor.copy_expert(statement, source, COPY_READ_BYTES)
+    except psycopg2.Error as error:
+        if source.failure is not None:
+            raise source.failure from None
+        if not isinstance(error, psycopg2.DataError | psycopg2.IntegrityError):
+            raise exc.DBAPIError.instance(statement, None, error, psycopg2.Error) from error
         # Checked values should not get here. If one does, it is reported with the line COPY
         # was on (exact for a value; for an encoding PostgreSQL converts, where it was reading).
         where = _COPY_CONTEXT.search(error.diag.context or "")
@@ -223,8 +237,6 @@ def _stage(connection: Connection, path: Path, checker: ExportChecker, **caps: i
         line = file_lines[seq] if seq < len(file_lines) else 0
         reason = (error.diag.message_primary or str(error)).splitlines()[0]
         raise KnowledgeImportError([f"{path}:{line}: the database refused it: {reason}"]) from None
-    except psycopg2.Error as error:
-        raise exc.DBAPIError.instance(statement, None, error, psycopg2.Error) from error
     finally:
         cursor.close()
     return len(file_lines)

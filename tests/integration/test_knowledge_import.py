@@ -8,6 +8,10 @@ and in exactly the rows the previous statement-per-batch upsert wrote.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +30,7 @@ from db.seed.knowledge import (
     import_knowledge,
 )
 from db.seed.upsert import UpsertCounts, upsert
-from tests.conftest import Server, env_for, run_ops
+from tests.conftest import REPO, Server, env_for, run_ops
 
 MakeEngine = Callable[..., Engine]
 SNAPSHOT = "SELECT external_id, agent_id, tags, metadata, updated_at FROM knowledge_base ORDER BY 1"
@@ -304,3 +308,34 @@ def test_a_statement_timeout_does_not_cut_a_large_import_short(
     assert counts == UpsertCounts(total, 0, 0)
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM knowledge_base")).scalar() == total
+
+
+def test_ctrl_c_while_reading_a_pipe_exits_130_and_writes_nothing(
+    seeded: Engine, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "export.fifo"
+    os.mkfifo(fifo)
+    before = snapshot(seeded)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "db", "import-knowledge", str(fifo)],
+        env=env_for(seeded.url),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with fifo.open("w") as sink:  # returns once the import has opened the pipe
+            sink.write("".join(good_line(n) + "\n" for n in range(1, 101)))
+            sink.flush()
+            time.sleep(1.0)  # the import is now in its COPY, waiting for more lines
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130 and out == "", err
+    assert err.splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err and "database error" not in err
+    assert snapshot(seeded) == before
