@@ -39,7 +39,7 @@ _TYPE_NAMES: dict[type, str] = {str: "string", list: "list", dict: "dict"}
 # In text decoded from UTF-8, a NUL or a lone surrogate can only come from a \u escape: raw NUL
 # is an invalid control character and raw surrogates are invalid UTF-8. Lines without one skip
 # the scan of every string.
-_RISKY_ESCAPE = re.compile(r"\\u(?:0000|[dD][89abAB]|[dD][c-fC-F])")
+_RISKY_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
