@@ -88,7 +88,7 @@ def _guarded(run: Callable[[Settings, Engine], int], args: argparse.Namespace) -
     except KnowledgeImportError as error:
         for line in error.errors:
             print(line, file=sys.stderr)
-        return _fail(f"import rejected: {len(error.errors)} problem(s), nothing was written")
+        return _fail(f"import rejected: {error.total} problem(s), nothing was written")
     except (ServerUnavailable, AdminPasswordError, TimeoutError) as error:
         return _fail(str(error))
     except CommandError as error:

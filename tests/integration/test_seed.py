@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Engine
 
 from db.seed.admin import AdminPasswordError, verify_password
+from db.seed.agents import seed_agents
 from db.seed.knowledge import SHIPPED_EXPORT, KnowledgeImportError, import_knowledge
 from db.seed.run import seed
 from db.seed.settings import SeedSettings
@@ -168,6 +169,8 @@ def entry(number: int, **changes: object) -> dict[str, object]:
 def test_malformed_export_writes_nothing_and_names_file_and_line(
     engine: Engine, tmp_path: Path
 ) -> None:
+    with engine.begin() as connection:
+        seed_agents(connection)
     path = write_export(tmp_path / "bad.jsonl", [entry(1), entry(2)], ['{"id": "t-3"', "[]"])
     with pytest.raises(KnowledgeImportError) as caught, engine.begin() as connection:
         import_knowledge(connection, path)
