@@ -23,6 +23,7 @@ from db.settings import (
     read_db_settings,
     read_postgres_url,
 )
+from ops.collectors.base import COLLECTOR_NAMES
 
 BACKUP_FORMATS = ("custom", "directory")
 LOG_FORMATS = ("text", "json")
@@ -82,6 +83,8 @@ class SidecarSettings:
     application_name: str = "dbops-sidecar"
     # MONITOR_DATABASE_URL: the exporter's own login (a pg_monitor role); None = the db settings
     monitor_url: URL | None = field(default=None, metadata={"secret": True})
+    # OPS_COLLECTORS_DISABLED: collectors left out (e.g. what CloudNativePG already exports)
+    disabled_collectors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,27 @@ def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
         pool_size=reader.integer("OPS_POOL_SIZE", 2, minimum=1, maximum=20),
         application_name=_read_application_name(reader),
         monitor_url=_read_monitor_url(reader),
+        disabled_collectors=_read_disabled_collectors(reader),
     )
+
+
+def _read_disabled_collectors(reader: EnvReader) -> tuple[str, ...]:
+    """``OPS_COLLECTORS_DISABLED``: comma-separated collector names; a misspelt one is an error,
+    not a silently duplicated metric."""
+    text = reader.raw("OPS_COLLECTORS_DISABLED")
+    if text is None:
+        return ()
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in COLLECTOR_NAMES]
+    if unknown:
+        reader.problem(
+            "OPS_COLLECTORS_DISABLED",
+            text,
+            f"unknown collector {', '.join(map(repr, unknown))};"
+            f" known: {', '.join(COLLECTOR_NAMES)}",
+        )
+        return ()
+    return tuple(name for name in COLLECTOR_NAMES if name in names)
 
 
 def _read_application_name(reader: EnvReader) -> str:
