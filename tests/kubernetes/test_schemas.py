@@ -58,7 +58,9 @@ def problems(resource: Resource, version: str) -> list[str]:
 
 
 def test_the_claimed_kubernetes_versions_have_schemas() -> None:
-    available = {kubernetes_validate.utils.major_minor(v) for v in kubernetes_validate.utils.all_versions()}
+    available = {
+        kubernetes_validate.utils.major_minor(v) for v in kubernetes_validate.utils.all_versions()
+    }
     assert set(KUBERNETES_VERSIONS) <= available, sorted(available)
 
 

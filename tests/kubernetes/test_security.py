@@ -87,8 +87,17 @@ def test_checkov_would_catch_a_privileged_container(
     pod["hostPID"] = True
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump_all(resources))
     result = run(
-        [checkov(), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download",
-         "--quiet", "-o", "json"],
+        [
+            checkov(),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--quiet",
+            "-o",
+            "json",
+        ],
         env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "LOG_LEVEL": "ERROR"},
     )
     found = {check for check, _ in failed_checks(json.loads(result.stdout))}
@@ -174,5 +183,7 @@ def test_the_namespace_enforces_the_restricted_pod_security_standard(
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-def test_no_secret_has_a_value_in_the_repository(overlay: str, rendered: dict[str, list[Resource]]) -> None:
+def test_no_secret_has_a_value_in_the_repository(
+    overlay: str, rendered: dict[str, list[Resource]]
+) -> None:
     assert not [kind_name(r) for r in rendered[overlay] if r["kind"] == "Secret"]
