@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-integration test-monitoring lint fmt bench e2e
+.PHONY: venv test test-unit test-integration test-monitoring test-kubernetes lint fmt bench e2e
+.PHONY: checkov k8s-generate
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +15,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/pytest tests/unit tests/integration tests/monitoring
+# checkov (tests/kubernetes) in a virtualenv of its own: it pins boto3 and packaging exactly.
+CHECKOV_STAMP := .venv-checkov/.installed
+
+$(CHECKOV_STAMP): tests/kubernetes/checkov-requirements.txt
+	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q -r tests/kubernetes/checkov-requirements.txt
+	touch $(CHECKOV_STAMP)
+
+checkov: $(CHECKOV_STAMP)
+
+test: $(STAMP) $(CHECKOV_STAMP)
+	$(BIN)/pytest tests/unit tests/integration tests/monitoring tests/kubernetes
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -25,6 +36,15 @@ test-integration: $(STAMP)
 
 test-monitoring: $(STAMP)
 	$(BIN)/pytest tests/monitoring
+
+# deploy/kubernetes, statically: kustomize v5 (kubectl), kubernetes-validate, CRD schemas,
+# promtool, checkov. No cluster needed.
+test-kubernetes: $(STAMP) $(CHECKOV_STAMP)
+	$(BIN)/pytest tests/kubernetes
+
+# Rewrite deploy/kubernetes' generated files after a change under monitoring/.
+k8s-generate: $(STAMP)
+	$(BIN)/python deploy/kubernetes/generate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check db ops tests
