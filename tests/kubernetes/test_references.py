@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.kubernetes.kube import (
+    ROOT,
     Resource,
     containers,
     find,
@@ -371,3 +372,27 @@ def test_init_job_logs_in_as_the_servers_superuser(
         assert env["POSTGRES_PASSWORD_FILE"].startswith(
             f"/run/secrets/{cluster['spec']['superuserSecret']['name']}/"
         )
+
+
+def test_every_scrape_job_is_named_as_the_dashboards_expect(
+    rendered: dict[str, list[Resource]],
+) -> None:
+    """The dashboards' instance variable lists up{job=~"dbops-.*"}."""
+    resources = rendered["cnpg-kube-prometheus"]
+    jobs = []
+    for monitor in find(resources, "ServiceMonitor"):
+        (service,) = [
+            s
+            for s in find(resources, "Service")
+            if matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        jobs.append(service["metadata"]["labels"][monitor["spec"]["jobLabel"]])
+    for monitor in find(resources, "PodMonitor"):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            (job,) = [
+                r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"
+            ]
+            jobs.append(job)
+    assert sorted(jobs) == ["dbops-app", "dbops-postgres", "dbops-sidecar"]
+    dashboards = (ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json")
+    assert all('job=~\\"dbops-.*\\"' in path.read_text() for path in dashboards)
