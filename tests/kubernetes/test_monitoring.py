@@ -203,3 +203,24 @@ def test_standalone_mounts_the_compose_stacks_own_files(
             if r["metadata"]["name"].rsplit("-", 1)[0] == prefix
         ]
         assert configmap["data"] == {p.name: p.read_text(encoding="utf-8") for p in paths}
+
+
+def test_every_cloudnative_pg_alert_has_a_runbook_beside_the_manifests() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    anchors = {
+        "#" + line.lstrip("#").strip().lower()
+        for line in readme.splitlines()
+        if line.startswith("### ")
+    }
+    alerts = [
+        item
+        for groups in source_groups(CNPG_RULES).values()
+        for group in groups
+        for item in group["rules"]
+        if "alert" in item
+    ]
+    assert alerts
+    for alert in alerts:
+        path, _, anchor = alert["annotations"]["runbook"].partition("#")
+        assert path == "deploy/kubernetes/README.md"
+        assert f"#{anchor}" in anchors and anchor == alert["alert"].lower(), alert["alert"]
