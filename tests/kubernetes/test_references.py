@@ -31,6 +31,7 @@ USER_SECRETS: dict[str, dict[str, set[str]]] = {
         "dbops-backup": {"username", "password"},
         "dbops-admin": {"password"},
         "dbops-grafana": {"admin-user", "admin-password"},
+        "dbops-alerts": {"ops_alerts_token"},
     },
     "cnpg-kube-prometheus": {
         "dbops-superuser": {"username", "password"},
