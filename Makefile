@@ -47,13 +47,13 @@ k8s-generate: $(STAMP)
 	$(BIN)/python deploy/kubernetes/generate.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check db ops tests
-	$(BIN)/ruff format --check db ops tests
+	$(BIN)/ruff check db ops tests deploy
+	$(BIN)/ruff format --check db ops tests deploy
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format db ops tests
-	$(BIN)/ruff check --fix db ops tests
+	$(BIN)/ruff format db ops tests deploy
+	$(BIN)/ruff check --fix db ops tests deploy
 
 # Benchmarks print ratios against a baseline measured in the same run; they assert no time.
 bench: $(STAMP)

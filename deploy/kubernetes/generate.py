@@ -120,8 +120,12 @@ STANDALONE_CONFIG = {
     "prometheus-config": [MONITORING / "prometheus" / "prometheus.yml"],
     "prometheus-rules": None,  # every rule file, found at generation time
     "alertmanager-config": [MONITORING / "alertmanager" / "alertmanager.yml"],
-    "grafana-datasources": [MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml"],
-    "grafana-dashboard-providers": [MONITORING / "grafana" / "provisioning" / "dashboards" / "dbops.yml"],
+    "grafana-datasources": [
+        MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+    ],
+    "grafana-dashboard-providers": [
+        MONITORING / "grafana" / "provisioning" / "dashboards" / "dbops.yml"
+    ],
     "postgres-initdb": sorted((ROOT / "docker" / "postgres" / "initdb").glob("*")),
 }
 
@@ -191,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = expected()
     differ = [
-        path
-        for path, text in files.items()
-        if not path.is_file() or path.read_bytes() != text
+        path for path, text in files.items() if not path.is_file() or path.read_bytes() != text
     ]
     stale = stale_files(files)
     if args.check:
