@@ -3,17 +3,26 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What the image and CI install: pyproject.toml's ranges resolved to their floors (the lowest
+# versions we test). `make lock` regenerates it; `make test-newest` runs the suite on the newest
+# releases the ranges admit.
+LOCK := requirements.lock
+NEWEST := .venv-newest
 
-.PHONY: venv test test-unit test-integration test-monitoring test-kubernetes lint fmt bench e2e
-.PHONY: checkov k8s-generate
+.PHONY: venv lock test test-newest test-unit test-integration test-monitoring lint fmt bench e2e
+.PHONY: test-kubernetes checkov k8s-generate
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--resolution lowest-direct --quiet -o $(LOCK)
 
 # checkov (tests/kubernetes) in a virtualenv of its own: it pins boto3 and packaging exactly.
 CHECKOV_STAMP := .venv-checkov/.installed
@@ -27,6 +36,17 @@ checkov: $(CHECKOV_STAMP)
 
 test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/pytest tests/unit tests/integration tests/monitoring tests/kubernetes
+
+# The same suite on the newest releases pyproject.toml's ranges admit (a virtualenv of its own,
+# upgraded on every run).
+test-newest:
+	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install -q --upgrade pip
+	$(NEWEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(NEWEST)/bin/python -c "import sqlalchemy, alembic, prometheus_client, apscheduler, psycopg2; \
+		print('newest:', 'SQLAlchemy', sqlalchemy.__version__, '| alembic', alembic.__version__, \
+		'| psycopg2', psycopg2.__version__.split()[0])"
+	$(NEWEST)/bin/pytest tests/unit tests/integration tests/monitoring
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -60,11 +80,15 @@ bench: $(STAMP)
 	$(BIN)/pytest -s tests/benchmarks
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
-# make up | down | ps | logs [SERVICE=ops] | backup | restore ID=... [TARGET_DB=name] [FORCE=1]
-# make psql | demo (WORKLOAD_MODE=saturate for pool saturation) | e2e
+# make up | down | ps | logs [SERVICE=ops] | backup | backups | verify [ID=...] [DRILL=1]
+# make restore ID=... [TARGET_DB=name] [FORCE=1] | psql | demo (WORKLOAD_MODE=saturate) | demo-stop
+# Each runs in the stack's containers (the sidecar for backups); `ops` on the host is for host
+# installs.
 STACK := $(PYTHON) docker/stack.py
+# A make variable as one shell word, whatever quotes it holds.
+quote = '$(subst ','\'',$(1))'
 
-.PHONY: up down ps logs backup restore psql demo
+.PHONY: up down ps logs backup backups verify restore psql demo demo-stop
 
 up:
 	@$(STACK) up
@@ -81,15 +105,24 @@ logs:
 backup:
 	@$(STACK) backup
 
+backups:
+	@$(STACK) backups $(if $(ALL),--all)
+
+verify:
+	@$(STACK) verify $(if $(DRILL),--drill) $(if $(ID),-- $(call quote,$(ID)))
+
 restore:
-	@test -n "$(ID)" || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1]" >&2; exit 2; }
-	@$(STACK) restore '$(ID)' $(if $(TARGET_DB),--target-db '$(TARGET_DB)') $(if $(FORCE),--force)
+	@test -n $(call quote,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] (make backups lists the ids)" >&2; exit 2; }
+	@$(STACK) restore $(if $(TARGET_DB),--target-db $(call quote,$(TARGET_DB))) $(if $(FORCE),--force) -- $(call quote,$(ID))
 
 psql:
 	@$(STACK) psql
 
 demo:
 	@$(STACK) demo
+
+demo-stop:
+	@$(STACK) demo-stop
 
 # End to end on real containers: builds the image, runs the stack under its own project name and
 # ports, and removes it afterwards. Needs a Docker engine. Bounded: after 15 minutes pytest is

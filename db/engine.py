@@ -1,8 +1,15 @@
 """The process's pooled connection manager.
 
-One engine per process, built from :mod:`db.settings`. Connections are stamped with the pid
-that opened them so a forked worker never reuses its parent's sockets, and a connection that
-comes back from the pool inside a broken transaction is replaced rather than handed out.
+One engine per process, built from :mod:`db.settings`. A connection that comes back from the pool
+inside a broken transaction is replaced rather than handed out.
+
+Forked workers (gunicorn, Celery prefork) inherit the parent's pool, sockets included, and a
+socket used by two processes gives both of them wrong answers or hangs. So, as SQLAlchemy
+documents for ``os.fork()``, every engine made here gets a new, empty pool in the child
+(``dispose(close=False)``, which leaves the parent's connections alone) before the child runs
+anything else; and the pool checks the pid stamped on a connection when it takes it out of the
+queue, before recycling, pre-ping or any listener could use it, and drops one opened by another
+process without closing it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,9 +29,10 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.util import queue as sqla_queue
 
-from db.errors import error_line
-from db.settings import DbSettings, load_db_settings
+from db.errors import DatabaseDisabled, error_line
+from db.settings import DbSettings, database_enabled, load_db_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,40 @@ MIN_SERVER_VERSION = 130000
 _lock = threading.Lock()
 _engine: Engine | None = None
 _sessions: sessionmaker[Session] | None = None
+_enabled: bool | None = None  # DB_ENABLED, read once per process (or after dispose())
+DISABLED_MESSAGE = "the database is switched off (DB_ENABLED=false)"
+_fork_safe: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+class ForkSafeQueuePool(QueuePool):
+    """A QueuePool that never uses, or closes, a connection another process opened.
+
+    The check sits in ``_do_get`` because everything after it touches the socket:
+    ``get_connection`` closes a connection past ``pool_recycle``, pre-ping sends a query, and
+    only then does the ``checkout`` event run.
+    """
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        record = super()._do_get()
+        _disown_if_inherited(record)
+        return record
+
+    def dispose(self) -> None:
+        queue = self._pool
+        if isinstance(queue, sqla_queue.Queue):  # QueuePool.dispose closes all it finds here
+            with queue.mutex:
+                for record in list(queue.queue):
+                    _disown_if_inherited(record)
+        super().dispose()
+
+
+def _disown_if_inherited(record: ConnectionPoolEntry) -> None:
+    """Forget a connection opened in another process, without a byte on its socket."""
+    owner = record.info.get("pid")
+    if owner is not None and owner != os.getpid() and record.dbapi_connection is not None:
+        log.debug("dropping a pooled connection inherited from pid %s", owner)
+        record.dbapi_connection = None  # type: ignore[misc]  # the next use reconnects
+        record.finalize_callback.clear()  # type: ignore[attr-defined]
 
 
 def create_engine(settings: DbSettings, **overrides: Any) -> Engine:
@@ -43,7 +86,7 @@ def create_engine(settings: DbSettings, **overrides: Any) -> Engine:
     if settings.statement_timeout > 0:
         connect_args["options"] = f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
     options: dict[str, Any] = {
-        "poolclass": QueuePool,
+        "poolclass": ForkSafeQueuePool,
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
@@ -59,8 +102,10 @@ def create_engine(settings: DbSettings, **overrides: Any) -> Engine:
 
 
 def install_listeners(engine: Engine) -> None:
+    """Stamp connections with their pid and check them on checkout; renew the pool on fork."""
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "checkout", _on_checkout)
+    _fork_safe.add(engine)
 
 
 def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -77,7 +122,8 @@ def _on_checkout(
 ) -> None:
     pid = os.getpid()
     if record.info.get("pid") != pid:
-        # Inherited across fork: the socket belongs to the parent. Drop it without closing it.
+        # Inherited across fork, from a pool given as ``poolclass=`` that does not check it
+        # earlier (with pre-ping on, the ping has run by now). Drop it without closing it.
         record.dbapi_connection = proxy.dbapi_connection = None  # type: ignore[misc]
         raise exc.DisconnectionError(
             f"connection opened in pid {record.info.get('pid')}, checked out in pid {pid}"
@@ -87,9 +133,23 @@ def _on_checkout(
         raise exc.DisconnectionError("connection returned to the pool inside a transaction")
 
 
+def enabled() -> bool:
+    """Whether ``DB_ENABLED`` lets this process use its database (read once, then cached)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = database_enabled()
+    return _enabled
+
+
 def get_engine() -> Engine:
-    """The process's engine, created on first use from the environment."""
+    """The process's engine, created on first use from the environment.
+
+    Raises :class:`~db.errors.DatabaseDisabled` when ``DB_ENABLED=false``: the rollback switch
+    that takes the database out of a service's path without a code change.
+    """
     global _engine, _sessions
+    if not enabled():
+        raise DatabaseDisabled(DISABLED_MESSAGE)
     with _lock:
         if _engine is None:
             _engine = create_engine(load_db_settings())
@@ -98,9 +158,13 @@ def get_engine() -> Engine:
 
 
 def configure(engine: Engine) -> None:
-    """Make ``engine`` the process's engine (tests, or services that build their own)."""
+    """Make ``engine`` the process's engine (tests, or services that build their own).
+
+    Its pool is renewed in forked children like the pools of engines made here.
+    """
     global _engine, _sessions
     with _lock:
+        _fork_safe.add(engine)
         _engine = engine
         _sessions = sessionmaker(bind=engine, expire_on_commit=False)
 
@@ -131,13 +195,21 @@ class Health:
     server_version: str | None
     database: str | None
     error: str | None = None
+    status: str = ""  # "ok", "failed", or "disabled" (DB_ENABLED=false)
+
+    def __post_init__(self) -> None:
+        if not self.status:
+            object.__setattr__(self, "status", "ok" if self.ok else "failed")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def health_check(engine: Engine | None = None) -> Health:
-    """A round trip through the pool: whether it worked, how long it took, what answered."""
+    """A round trip through the pool: whether it worked, how long it took, what answered.
+    With ``DB_ENABLED=false`` it reports ``status="disabled"`` without connecting."""
+    if engine is None and not enabled():
+        return Health(False, 0.0, None, None, DISABLED_MESSAGE, status="disabled")
     engine = engine or get_engine()
     started = time.perf_counter()
     try:
@@ -182,10 +254,36 @@ def pool_status(engine: Engine | None = None) -> PoolStatus:
 
 
 def dispose() -> None:
-    """Close every pooled connection of the process's engine and forget it."""
-    global _engine, _sessions
+    """Close every pooled connection of the process's engine and forget it (and the
+    ``DB_ENABLED`` it read, so the next use reads it again).
+
+    In a forked child this closes the child's own connections only: the pool it inherited was
+    replaced at fork, and the parent's connections are never closed from here.
+    """
+    global _engine, _sessions, _enabled
+    _enabled = None
     with _lock:
         if _engine is not None:
             _engine.dispose()
         _engine = None
         _sessions = None
+
+
+def _renew_pools_in_child() -> None:
+    """Runs in a forked child before anything else: a fresh pool for every engine made here.
+
+    ``dispose(close=False)`` drops the inherited pool without closing the parent's connections
+    (psycopg2 does not close a connection object collected in a process that did not open it),
+    and the new pool starts with no connections, no checkout counts and no lock that a thread of
+    the parent held at the moment of fork. The module lock is renewed for the same reason.
+    """
+    global _lock
+    _lock = threading.Lock()
+    for engine in list(_fork_safe):
+        try:
+            engine.dispose(close=False)
+        except Exception as error:  # the pid check in ForkSafeQueuePool still holds
+            log.warning("could not renew the pool after fork: %s", error_line(error))
+
+
+os.register_at_fork(after_in_child=_renew_pools_in_child)

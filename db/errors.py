@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class DatabaseDisabled(RuntimeError):
+    """``DB_ENABLED=false``: the service runs without its database. Catch this to fall back
+    (serve from a cache, answer 503, queue the work) instead of failing on a connection."""
+
+
 def error_line(error: BaseException) -> str:
     """The first line of what the driver said (``orig`` of a SQLAlchemy error), else the error's.
 

@@ -16,11 +16,17 @@ so these numbers are taken where they happen and kept exact:
 
 The hot path (one checkout and one statement) costs about two microseconds: histograms here are a
 bisect and one uncontended lock, not prometheus_client's per-bucket locks.
+
+A forked child (gunicorn, Celery prefork) starts from zero: its counters and histograms count its
+own work only, so summing workers and their parent does not count the parent's history again, and
+every lock here is renewed, in case a thread of the parent held one at the moment of fork. Its
+pool gauges are read from the pool, which :mod:`db.engine` renews in the child.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import threading
 import weakref
@@ -29,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from typing import Any
 
+import sqlalchemy
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client import make_wsgi_app as _prometheus_wsgi_app
 from prometheus_client.core import (
@@ -75,6 +82,12 @@ class Histogram:
     def snapshot(self) -> tuple[list[int], float]:
         with self._lock:
             return list(self.counts), self.total
+
+    def reset_after_fork(self) -> None:
+        """Zero, with a new lock; in place, because hot paths hold bound ``observe`` methods."""
+        self._lock = threading.Lock()
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
 
 
 _VERBS = ("select", "insert", "update", "delete")
@@ -137,6 +150,14 @@ class EngineMetrics:
     def count(self, attribute: str) -> None:
         with self._lock:
             setattr(self, attribute, getattr(self, attribute) + 1)
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        for histogram in (self.wait, *self.queries.values()):
+            histogram.reset_after_fork()
+        for operation in self.query_errors:
+            self.query_errors[operation] = 0
+        self.timeouts = self.invalidations = self.connects = self.connect_errors = 0
 
     def count_query_error(self, operation: str) -> None:
         with self._lock:
@@ -243,6 +264,9 @@ class PoolCollector(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._engines: list[EngineMetrics] = []
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def add(self, metrics: EngineMetrics) -> None:
         with self._lock:
@@ -399,7 +423,63 @@ def instrument(
     return metrics
 
 
+# The SQLAlchemy releases whose pool and dialect internals this module was tested against
+# (CI runs the suite on the lock and on the newest release the range admits). Another release
+# may count waiters or time statements wrongly without failing, so it is refused instead.
+SUPPORTED_SQLALCHEMY = ((2, 0), (2, 1))
+
+
+class UnsupportedSQLAlchemy(RuntimeError):
+    """``instrument()`` cannot trust this SQLAlchemy's internals; the message says why."""
+
+
+def check_sqlalchemy(version: str = sqlalchemy.__version__) -> None:
+    """Raise :class:`UnsupportedSQLAlchemy` unless the internals ``instrument()`` reaches into
+    (QueuePool's queue and overflow, the queue's mutex, the dialect's ``do_execute*``) are
+    those of a supported release."""
+    supported = ", ".join(f"{major}.{minor}.x" for major, minor in SUPPORTED_SQLALCHEMY)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or (int(match[1]), int(match[2])) not in SUPPORTED_SQLALCHEMY:
+        raise UnsupportedSQLAlchemy(
+            f"db.metrics supports SQLAlchemy {supported}; this is {version}. Install a supported "
+            "release, or run without instrument() (the pool still works, unmeasured)"
+        )
+    missing = [
+        name
+        for owner, name in (
+            (QueuePool, "_queue_class"),
+            (QueuePool, "_is_asyncio"),
+            (sqla_queue.Queue, "_empty"),
+            (sqla_queue.Queue, "get"),
+        )
+        if not hasattr(owner, name)
+    ]
+    if missing:
+        raise UnsupportedSQLAlchemy(
+            f"db.metrics supports SQLAlchemy {supported}; {version} lacks "
+            f"{', '.join(missing)}, which the pool metrics rely on"
+        )
+
+
+def _check_engine(engine: Engine) -> None:
+    """Every internal ``_attach`` touches, checked before it changes anything."""
+    check_sqlalchemy()
+    needed: list[tuple[object, str]] = [(engine.dialect, n) for n in TIMED_DIALECT_METHODS]
+    if isinstance(engine.pool, QueuePool):
+        needed += [(engine.pool, "_pool"), (engine.pool, "_max_overflow")]
+    for owner, name in needed:
+        if not hasattr(owner, name):
+            raise UnsupportedSQLAlchemy(
+                f"db.metrics: SQLAlchemy {sqlalchemy.__version__}'s "
+                f"{type(owner).__name__} has no {name}, which the metrics rely on"
+            )
+
+
+TIMED_DIALECT_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
+
+
 def _attach(engine: Engine, metrics: EngineMetrics) -> None:
+    _check_engine(engine)
     pool: Pool = engine.pool
     if isinstance(pool, QueuePool) and not pool._is_asyncio:
         pool.__class__ = _instrumented_pool_class(type(pool), metrics)
@@ -407,7 +487,7 @@ def _attach(engine: Engine, metrics: EngineMetrics) -> None:
         if type(queue) is sqla_queue.Queue:
             queue.__class__ = _WaitCountingQueue
     dialect = engine.dialect  # each create_engine() builds its own dialect instance
-    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+    for name in TIMED_DIALECT_METHODS:
         setattr(dialect, name, metrics.timed(getattr(dialect, name)))
     # Pool events only: they fire per new connection or invalidation, not per statement.
     listeners: list[tuple[str, Callable[..., Any]]] = [
@@ -417,6 +497,19 @@ def _attach(engine: Engine, metrics: EngineMetrics) -> None:
     ]
     for name, listener in listeners:
         event.listen(engine, name, listener)
+
+
+def _reset_in_child() -> None:
+    """Runs in a forked child before anything else (see the module's docstring)."""
+    global _lock
+    _lock = threading.Lock()
+    for metrics in list(_instrumented.values()):
+        metrics.reset_after_fork()
+    for collector in list(_collectors.values()):
+        collector.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def make_wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:

@@ -236,6 +236,15 @@ def read_db_settings(reader: EnvReader) -> DbSettings:
     )
 
 
+def database_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """``DB_ENABLED`` (default true), read on its own: a service with the database switched off
+    need not have the rest of the connection settings."""
+    reader = EnvReader(environ)
+    enabled = reader.boolean("DB_ENABLED", True)
+    reader.finish()
+    return enabled
+
+
 def load_db_settings(environ: Mapping[str, str] | None = None) -> DbSettings:
     """The database settings alone, for services that import ``db``."""
     reader = EnvReader(environ)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The operator commands behind the Makefile: up, down, ps, logs, backup, restore, psql, demo.
+"""The operator commands behind the Makefile: up, down, ps, logs, backup, backups, verify, restore,
+psql, demo, demo-stop.
 
 Standard library only, so it runs with any Python 3.9+ before the project's virtualenv exists.
 ``up`` does what an operator would do by hand and no more: make sure a Docker engine answers,
@@ -11,7 +12,8 @@ Environment (or ``.env``): ``COMPOSE_PROJECT_NAME`` (default ``dbops``), ``STACK
 (default ``.env``), ``STACK_WITHOUT`` (services to leave out, comma-separated),
 ``STACK_WAIT_TIMEOUT`` (seconds, default 180), ``STACK_COMPOSE_FILES`` (extra compose files,
 colon-separated), ``POSTGRES_PUBLISH_PORT`` (publish PostgreSQL on the host), ``COMPOSE``
-(the compose command, when auto-detection is not wanted).
+(the compose command, when auto-detection is not wanted), ``DBOPS_IMAGE`` (the image tag; by
+default one per project name, so two checkouts on one machine never replace each other's build).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +43,16 @@ SECRETS = (
     "BACKUP_DB_PASSWORD",
     "ADMIN_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
+)
+SECRET_OWNER = {"GRAFANA_ADMIN_PASSWORD": "grafana"}  # needed only when that service runs
+# Headline queries of the dashboards, printed as Prometheus graph links when Grafana is left out.
+HEADLINE_QUERIES = (
+    ("pool utilisation", "pool:dbops_pool_utilisation:ratio"),
+    ("server connections", "instance:dbops_pg_connections:saturation_ratio"),
+    ("transactions/s", "datname:dbops_pg_transactions:rate5m"),
+    ("query p95", "pool_operation:dbops_query_duration_seconds:p95_5m"),
+    ("backup age", "instance:dbops_backup_age_seconds"),
+    ("database size", "dbops_pg_database_size_bytes"),
 )
 URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -77,13 +90,14 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def create_env_file(path: Path) -> list[str]:
-    """Copy .env.example to ``path``, filling every empty secret; returns the names generated."""
+def create_env_file(path: Path, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Copy .env.example to ``path``, filling every empty secret but those in ``skip``; returns
+    the names generated."""
     generated: list[str] = []
     lines = []
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
         match = re.match(r"^([A-Z0-9_]+_PASSWORD)=\s*$", line)
-        if match:
+        if match and match.group(1) not in skip:
             # URL-safe, so every password can also be written into a connection URL
             line = f"{match.group(1)}={secrets.token_urlsafe(24)}"
             generated.append(match.group(1))
@@ -122,6 +136,22 @@ class Stack:
     def services(self) -> list[str]:
         return [s for s in CORE_SERVICES if s not in self.without]
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets the chosen services need: Grafana's only when Grafana runs."""
+        return tuple(
+            name for name in SECRETS if SECRET_OWNER.get(name, "") in ("", *self.services)
+        )
+
+    @property
+    def image(self) -> str:
+        """The project's image tag. One per compose project, so that a second checkout's build
+        (another COMPOSE_PROJECT_NAME) never replaces the image the first one runs."""
+        explicit = self.setting("DBOPS_IMAGE")
+        if explicit:
+            return explicit
+        return "dbops:local" if self.project == "dbops" else f"dbops-{self.project}:local"
+
     def compose_files(self) -> list[Path]:
         files = [ROOT / "docker-compose.yml"]
         if self.setting("POSTGRES_PUBLISH_PORT"):
@@ -153,8 +183,13 @@ class Stack:
             command += ["--profile", "demo"]
         return [*command, *args]
 
+    def compose_environ(self) -> dict[str, str]:
+        return {**self.environ, "DBOPS_IMAGE": self.image}
+
     def run_compose(self, *args: str, profile: bool = False, check: bool = True) -> int:
-        code = subprocess.call(self.compose(*args, profile=profile), cwd=ROOT, env=self.environ)
+        code = subprocess.call(
+            self.compose(*args, profile=profile), cwd=ROOT, env=self.compose_environ()
+        )
         if check and code != 0:
             raise StackError(f"`compose {' '.join(args)}` failed (exit {code})", code)
         return code
@@ -184,13 +219,15 @@ class Stack:
 
     def ensure_env_file(self) -> None:
         if not self.env_file.exists():
-            generated = create_env_file(self.env_file)
+            skip = frozenset(SECRETS) - frozenset(self.secrets)
+            generated = create_env_file(self.env_file, skip)
             say(
                 f"created {self.env_file} from .env.example with generated secrets "
-                f"({', '.join(generated)}); keep it private, it is the only copy"
+                f"({', '.join(generated)}); keep it private, it is the only copy. "
+                "ADMIN_PASSWORD there is the platform admin's login"
             )
         problems = []
-        for name in SECRETS:
+        for name in self.secrets:
             value = self.setting(name)
             if not value:
                 problems.append(f"{name} is empty: set it in {self.env_file} (no default exists)")
@@ -293,6 +330,16 @@ class Stack:
         ]
 
 
+    def graph_links(self) -> list[tuple[str, str]]:
+        base = dict(self.urls()).get("Prometheus")
+        if base is None:
+            return []
+        return [
+            (label, f"{base}/graph?" + urllib.parse.urlencode({"g0.expr": expr, "g0.tab": "0"}))
+            for label, expr in HEADLINE_QUERIES
+        ]
+
+
 def judge(service: str, state: dict[str, object] | None) -> str:
     """ok, failed, or what the service is still doing."""
     if state is None:
@@ -355,6 +402,14 @@ def cmd_up(stack: Stack, args: argparse.Namespace) -> int:
         print(f"  {label:16} {url}")
     if "grafana" in services:
         print(f"  Grafana login: {stack.setting('GRAFANA_ADMIN_USER', 'admin')}, password in .env")
+    elif "prometheus" in services:
+        print("  Without Grafana, the dashboards' headline graphs in Prometheus:")
+        for label, url in stack.graph_links():
+            print(f"    {label:20} {url}")
+    print(
+        "  The platform admin's password is ADMIN_PASSWORD in .env. Pending by design: "
+        "DbopsBackupVerifyStale waits for the first backups to be two days old."
+    )
     return 0
 
 
@@ -365,6 +420,14 @@ def cmd_demo(stack: Stack, args: argparse.Namespace) -> int:
     mode = stack.setting("WORKLOAD_MODE", "steady")
     port = stack.setting("WORKLOAD_PORT", "9189")
     say(f"demo workload running ({mode}); its pool metrics: http://127.0.0.1:{port}/metrics")
+    return 0
+
+
+def cmd_demo_stop(stack: Stack, args: argparse.Namespace) -> int:
+    """The workload alone: the stack keeps running, and its pool's series go stale."""
+    stack.run_compose("stop", "workload", profile=True)
+    stack.run_compose("rm", "-f", "workload", profile=True)
+    say("demo workload stopped; the rest of the stack runs on")
     return 0
 
 
@@ -391,18 +454,41 @@ def exec_args() -> list[str]:
     return [] if sys.stdin.isatty() and sys.stdout.isatty() else ["-T"]
 
 
+def ops_in_sidecar(stack: Stack, *command: str) -> int:
+    """``ops COMMAND`` in the sidecar, where the stack's backups and settings are. Its messages
+    name make's variables (FORCE=1, ID=…) rather than ops's options, since make is what was
+    typed."""
+    return stack.run_compose(
+        "exec", *exec_args(), "-e", "OPS_HINTS=make", "ops", "ops", *command, check=False
+    )
+
+
 def cmd_backup(stack: Stack, args: argparse.Namespace) -> int:
-    return stack.run_compose("exec", *exec_args(), "ops", "ops", "backup", "run", check=False)
+    return ops_in_sidecar(stack, "backup", "run")
+
+
+def cmd_backups(stack: Stack, args: argparse.Namespace) -> int:
+    return ops_in_sidecar(stack, "backup", "list", *(["--all"] if args.all else []))
+
+
+def cmd_verify(stack: Stack, args: argparse.Namespace) -> int:
+    drill = ["--drill"] if args.drill else []
+    return ops_in_sidecar(stack, "backup", "verify", *drill, *(["--", args.id] if args.id else []))
+
+
+def restore_target(stack: Stack, backup_id: str) -> str:
+    """The default database a stack restore creates: <POSTGRES_DB>_restore_<id>."""
+    return "{}_restore_{}".format(
+        stack.setting("POSTGRES_DB", "dbops"), re.sub(r"[^a-z0-9]+", "_", backup_id.lower())
+    )
 
 
 def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
-    target = args.target_db or "{}_restore_{}".format(
-        stack.setting("POSTGRES_DB", "dbops"), re.sub(r"[^a-z0-9]+", "_", args.id.lower())
-    )
-    command = ["ops", "backup", "restore", args.id, "--target-db", target]
+    target = args.target_db or restore_target(stack, args.id)
+    command = ["backup", "restore", "--target-db", target]
     if args.force:
         command.append("--force")
-    return stack.run_compose("exec", *exec_args(), "ops", *command, check=False)
+    return ops_in_sidecar(stack, *command, "--", args.id)
 
 
 def cmd_psql(stack: Stack, args: argparse.Namespace) -> int:
@@ -431,6 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("services", nargs="*")
     logs.set_defaults(handler=cmd_logs)
     commands.add_parser("backup", help="run a backup now").set_defaults(handler=cmd_backup)
+    backups = commands.add_parser("backups", help="list the sidecar's backups")
+    backups.add_argument("--all", action="store_true", help="include failed runs")
+    backups.set_defaults(handler=cmd_backups)
+    verify = commands.add_parser("verify", help="verify a backup (default: the newest)")
+    verify.add_argument("id", nargs="?", default="")
+    verify.add_argument("--drill", action="store_true", help="restore it and compare row counts")
+    verify.set_defaults(handler=cmd_verify)
+    stop = commands.add_parser("demo-stop", help="stop the demo workload, keep the stack")
+    stop.set_defaults(handler=cmd_demo_stop)
     restore = commands.add_parser("restore", help="restore a backup into a new database")
     restore.add_argument("id")
     restore.add_argument("--target-db", default="")

@@ -55,7 +55,7 @@ class Readiness:
     """``/readyz``: the database answers (with the normal login) and the schema is at head."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
-        from db.migrate import head_revision
+        from db.revisions import head_revision
 
         sidecar = settings.sidecar
         timeout_ms = max(1, int(sidecar.query_timeout * 1000))

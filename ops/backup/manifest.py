@@ -4,17 +4,26 @@ A dump counts as a backup only when a manifest with ``status: ok`` names it. Man
 written to a temporary name, fsynced, renamed and the directory fsynced, so a crash leaves
 either the old manifest or the new one, never half of one. Files whose names this module did
 not produce, and manifests of other databases, are never returned for deletion.
+
+The directory is a trust boundary. Every name this module opens, writes or deletes is derived
+from a backup id (``ID_PATTERN``) and lies directly inside ``BACKUP_DIR``; what a manifest says
+about paths is checked against that (:mod:`ops.backup.schema`), never followed. Entries are
+opened with ``O_NOFOLLOW`` and removed without following links: a symbolic link planted in the
+directory is refused when read and removed as a link, never through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -22,7 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-MANIFEST_VERSION = 1
+from ops.backup.schema import MANIFEST_VERSION, ManifestInvalid, data_name, parse_time, validate
+
+log = logging.getLogger(__name__)
+
 # A backup is a full copy of the database, password hashes included: owner-only.
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -32,6 +44,12 @@ TEMP_PREFIX = ".dbops-tmp-"  # every temporary name this package writes starts w
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 _CHUNK = 1 << 20
+# Far more than a manifest with a row count for each of 100,000 tables; a bigger file, or
+# /dev/zero behind a name, is refused instead of read until memory runs out.
+MANIFEST_MAX_BYTES = 64 << 20
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs us
+
+__all__ = ["MANIFEST_VERSION", "ManifestInvalid", "data_name", "parse_time"]
 
 
 def new_backup_id(now: datetime | None = None) -> str:
@@ -42,13 +60,6 @@ def new_backup_id(now: datetime | None = None) -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    moment = datetime.fromisoformat(text)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def format_time(moment: datetime | None) -> str | None:
@@ -122,10 +133,81 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """From data :func:`ops.backup.schema.validate` accepted."""
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
         values["verifications"] = [Verification(**v) for v in data.get("verifications", [])]
         return cls(**values)
+
+
+class BackupDirError(OSError):
+    """``BACKUP_DIR`` itself is unusable (missing, not a directory, unreadable): one line."""
+
+    def __init__(self, root: Path, code: int, reason: str) -> None:
+        super().__init__(code, reason, str(root))
+        self.root = root
+
+    def __str__(self) -> str:
+        return f"BACKUP_DIR {self.root}: {self.strerror}"
+
+
+class UnsafeEntry(OSError):
+    """An entry of the backup directory that is not what its name says (a symbolic link, a
+    FIFO, a hard link to elsewhere): refused rather than followed."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(errno.ELOOP, reason, str(path))
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.strerror}"
+
+
+def dir_error(root: Path, exc: OSError) -> BackupDirError:
+    reasons = {
+        errno.ENOENT: "does not exist",
+        errno.ENOTDIR: "is not a directory",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }
+    code = exc.errno or errno.EIO
+    return BackupDirError(root, code, reasons.get(code, exc.strerror or str(exc)))
+
+
+def read_plain_file(path: Path, limit: int = MANIFEST_MAX_BYTES) -> bytes:
+    """The content of a regular file, never through a symbolic link and at most ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeEntry(path, "is a symbolic link; not followed") from None
+        raise
+    with open(fd, "rb", buffering=0) as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeEntry(path, "is not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeEntry(path, f"is larger than {limit} bytes")
+    return data
+
+
+def parse_manifest(content: bytes, name: str) -> Manifest:
+    """A manifest from the bytes of ``<id>.json``; :class:`ManifestInvalid` says what is wrong."""
+    backup_id = name.removesuffix(MANIFEST_SUFFIX)
+    try:
+        data = json.loads(content.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ManifestInvalid(None, "not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestInvalid(None, f"line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # NaN, 5,000-digit integers, deep nesting
+        raise ManifestInvalid(None, f"not valid JSON ({str(exc)[:80]})") from None
+    return Manifest.from_dict(validate(data, backup_id))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class BackupDirectory:
@@ -136,37 +218,58 @@ class BackupDirectory:
     directory on every scrape, and a manifest holds a row count per table: without the cache,
     scrape time grew with tables times retained backups. Cached manifests are shared between
     calls; such a directory is for reading only.
+
+    ``invalid`` maps each manifest (or dump) the last listing skipped to why; each is logged
+    once per instance and file version, not on every listing.
     """
 
     def __init__(self, root: Path, *, cache: bool = False) -> None:
         self.root = root
-        self._cache: dict[str, tuple[tuple[int, int, int], Manifest | None]] | None = (
+        self._cache: dict[str, tuple[tuple[int, int, int], Manifest | ManifestInvalid]] | None = (
             {} if cache else None
         )
+        self._warned: set[tuple[str, object]] = set()
+        self.invalid: dict[str, str] = {}
 
     def manifest_path(self, backup_id: str) -> Path:
-        return self.root / f"{backup_id}{MANIFEST_SUFFIX}"
+        return self.root / f"{_checked_id(backup_id)}{MANIFEST_SUFFIX}"
 
     def data_path(self, manifest: Manifest) -> Path:
-        assert manifest.path is not None
-        return self.root / manifest.path
+        """Derived from the id and format alone; ``manifest.path`` is checked, never used."""
+        return self.root / data_name(_checked_id(manifest.id), manifest.format)
 
     def temp_path(self, name: str) -> Path:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"not a plain name: {name!r}")
         return self.root / f"{TEMP_PREFIX}{name}"
 
+    def check(self) -> None:
+        """:class:`BackupDirError` unless the directory can be listed."""
+        self._entries()
+
+    def _entries(self) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(self.root) as entries:
+                return list(entries)
+        except OSError as exc:
+            raise dir_error(self.root, exc) from None
+
     def manifests(self) -> list[Manifest]:
-        """Every readable manifest of ours, oldest first; unreadable or foreign files skipped."""
+        """Every valid manifest of ours, oldest first; invalid ones skipped with a warning.
+
+        :class:`BackupDirError` when the directory itself cannot be listed: an empty answer
+        would read as "no backups".
+        """
         found: list[Manifest] = []
-        if not self.root.is_dir():
-            return found
         seen: set[str] = set()
-        for entry in self.root.iterdir():
+        self.invalid = {}
+        for entry in self._entries():
             name = entry.name
             if not name.endswith(MANIFEST_SUFFIX) or not ID_PATTERN.match(name[:-5]):
                 continue
             seen.add(name)
-            manifest = self._read_cached(entry)
-            if manifest is not None and manifest.id == name[:-5]:
+            manifest = self._load(name)
+            if isinstance(manifest, Manifest):
                 found.append(manifest)
         if self._cache is not None:
             for gone in set(self._cache) - seen:
@@ -174,90 +277,163 @@ class BackupDirectory:
         found.sort(key=lambda m: (m.started, m.id))
         return found
 
-    def _read_cached(self, path: Path) -> Manifest | None:
-        if self._cache is None:
-            return self._read(path)
+    def _load(self, name: str) -> Manifest | ManifestInvalid | None:
+        path = self.root / name
         try:
-            stat = path.stat()
-        except OSError:
-            return None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        cached = self._cache.get(path.name)
+            info = path.lstat()
+        except FileNotFoundError:
+            return None  # deleted while we listed
+        except OSError as exc:
+            return self._invalid(name, None, ManifestInvalid(None, exc.strerror or str(exc)))
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        cached = self._cache.get(name) if self._cache is not None else None
+        result: Manifest | ManifestInvalid | None
         if cached is not None and cached[0] == key:
-            return cached[1]
-        manifest = self._read(path)
-        self._cache[path.name] = (key, manifest)
-        return manifest
+            result = cached[1]
+        else:
+            result = self._parse(path)
+            if self._cache is not None and result is not None:
+                self._cache[name] = (key, result)
+        if isinstance(result, ManifestInvalid):
+            return self._invalid(name, key, result)
+        return result
+
+    def _parse(self, path: Path) -> Manifest | ManifestInvalid | None:
+        try:
+            return parse_manifest(read_plain_file(path), path.name)
+        except FileNotFoundError:
+            return None
+        except UnsafeEntry as exc:
+            return ManifestInvalid(None, exc.strerror or "unsafe")
+        except OSError as exc:
+            return ManifestInvalid(None, f"unreadable: {exc.strerror or exc}")
+        except ManifestInvalid as exc:
+            return exc
+
+    def _invalid(self, name: str, key: object, problem: ManifestInvalid) -> ManifestInvalid:
+        self.invalid[name] = str(problem)
+        if (name, key) not in self._warned:
+            self._warned.add((name, key))
+            log.warning("%s: %s; skipped", self.root / name, problem)
+        return problem
 
     def backups(self, database: str, manifests: list[Manifest] | None = None) -> list[Manifest]:
         """Good backups of ``database`` whose data is present, oldest first (of ``manifests``
-        when the caller has listed them already)."""
-        return [
-            m
-            for m in (self.manifests() if manifests is None else manifests)
-            if m.ok and m.database == database and m.path and self.data_path(m).exists()
-        ]
+        when the caller has listed them already). A dump that is a symbolic link or otherwise
+        not what its manifest says is skipped with a warning, like an invalid manifest."""
+        good = []
+        for manifest in self.manifests() if manifests is None else manifests:
+            if not (manifest.ok and manifest.database == database and manifest.path):
+                continue
+            problem = self.data_problem(manifest)
+            if problem is None:
+                good.append(manifest)
+            elif problem != "missing":
+                name = data_name(manifest.id, manifest.format)
+                self._invalid(name, problem, ManifestInvalid(None, problem))
+        return good
 
-    def get(self, backup_id: str) -> Manifest | None:
+    def data_problem(self, manifest: Manifest) -> str | None:
+        """Why the dump of ``manifest`` is unusable ("missing", a link...), ``None`` if fine."""
+        try:
+            info = self.data_path(manifest).lstat()
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+        if stat.S_ISLNK(info.st_mode):
+            return "is a symbolic link; not followed"
+        wanted = stat.S_ISDIR if manifest.format == "directory" else stat.S_ISREG
+        if not wanted(info.st_mode):
+            return "is not a directory" if manifest.format == "directory" else "is not a file"
+        return None
+
+    def load(self, backup_id: str) -> Manifest | None:
+        """The manifest of ``backup_id``; ``None`` if there is none, :class:`ManifestInvalid`
+        (or :class:`UnsafeEntry`) if there is one that cannot be trusted."""
         if not ID_PATTERN.match(backup_id):
             return None
         path = self.manifest_path(backup_id)
-        return self._read(path) if path.exists() else None
-
-    @staticmethod
-    def _read(path: Path) -> Manifest | None:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("tool") != "dbops":
-                return None
-            manifest = Manifest.from_dict(data)
-            # Every reader sorts and buckets by these; a hand-edited bad value skips the file
-            # instead of breaking every listing and scrape.
-            _ = manifest.started, manifest.finished
-            return manifest
-        except (OSError, ValueError, TypeError):
+            content = read_plain_file(path)
+        except FileNotFoundError:
+            return None
+        return parse_manifest(content, path.name)
+
+    def get(self, backup_id: str) -> Manifest | None:
+        """Like :meth:`load`, with an invalid manifest logged and treated as absent."""
+        try:
+            return self.load(backup_id)
+        except (ManifestInvalid, OSError) as problem:
+            log.warning("%s: %s; skipped", self.root / f"{backup_id}{MANIFEST_SUFFIX}", problem)
             return None
 
     def write(self, manifest: Manifest) -> None:
-        """Atomically: temporary file, fsync, rename, fsync of the directory."""
-        temp = self.temp_path(f"{manifest.id}{MANIFEST_SUFFIX}")
+        """Atomically: a new temporary file (never an existing name, so never through a planted
+        link), fsync, rename over the manifest's name, fsync of the directory."""
+        target = self.manifest_path(manifest.id)
+        temp = self.temp_path(f"{manifest.id}{MANIFEST_SUFFIX}.{secrets.token_hex(4)}")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+            fd = os.open(
+                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, PRIVATE_FILE_MODE
+            )
             with open(fd, "w", encoding="utf-8") as handle:
                 handle.write(manifest.to_json())
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temp, self.manifest_path(manifest.id))
+            os.replace(temp, target)  # replaces a link planted at ``target``, never its target
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         fsync_directory(self.root)
 
-    def delete(self, manifest: Manifest) -> None:
-        """Manifest first, so the backup stops existing before its data goes."""
+    def delete(self, manifest: Manifest, *, data: bool = True) -> None:
+        """Manifest first, so the backup stops existing before its data goes. The data is the
+        name the id implies, removed without following links."""
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(manifest.id).unlink()
         fsync_directory(self.root)
-        if manifest.path:
-            data = self.data_path(manifest)
-            if data.exists():
-                doomed = self.temp_path(f"{manifest.path}.deleting")
-                os.replace(data, doomed)
+        if data and manifest.path:
+            name = data_name(manifest.id, manifest.format)
+            dump = self.root / name
+            try:
+                info = dump.lstat()
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(info.st_mode):
+                doomed = self.temp_path(f"{name}.{secrets.token_hex(4)}.deleting")
+                os.replace(dump, doomed)
                 remove_path(doomed)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    dump.unlink()
 
     def remove_temporaries(self) -> list[str]:
-        """Leftovers of interrupted runs (only our own temporary names). Call under the lock."""
+        """Leftovers of interrupted runs (only our own temporary names). Call under the run
+        lock: a live pg_dump inherits that lock (see :mod:`ops.backup.runner`), so the lock is
+        free only when no child of an earlier run can still be writing."""
         removed = []
-        if self.root.is_dir():
-            for entry in self.root.iterdir():
-                if entry.name.startswith(TEMP_PREFIX):
-                    remove_path(entry)
-                    removed.append(entry.name)
+        for entry in self._entries():
+            if entry.name.startswith(TEMP_PREFIX):
+                remove_path(self.root / entry.name)
+                removed.append(entry.name)
         return removed
 
 
+def _checked_id(backup_id: str) -> str:
+    if not isinstance(backup_id, str) or not ID_PATTERN.match(backup_id):
+        raise ValueError(f"not a backup id: {backup_id!r}")
+    return backup_id
+
+
 def remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    """Remove a file, a link (as a link) or a directory tree; never follows a link, so nothing
+    outside ``path`` is touched (``shutil.rmtree`` works through file descriptors on Linux)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -276,19 +452,29 @@ def dump_files(path: Path, name: str | None = None) -> Iterator[tuple[str, Path]
     """``(relative name, path)`` of every file of a dump: the file itself, or a directory's.
 
     ``name`` is what a single-file dump is called in the manifest (its published name, while
-    it is still hashed under its temporary one).
+    it is still hashed under its temporary one). A directory dump is flat; what is in it is
+    listed without following links (:func:`sha256_file` then refuses anything not a file).
     """
-    if path.is_dir():
-        for child in sorted(path.rglob("*")):
-            if child.is_file():
-                yield child.relative_to(path).as_posix(), child
+    if path.is_dir() and not path.is_symlink():
+        with os.scandir(path) as entries:
+            names = sorted(entry.name for entry in entries)
+        for child in names:
+            yield child, path / child
     else:
         yield name or path.name, path
 
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
+    try:
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeEntry(path, "is a symbolic link; not followed") from None
+        raise
+    with open(fd, "rb", buffering=0) as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnsafeEntry(path, "is not a regular file")
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -305,4 +491,4 @@ def checksum_dump(path: Path, jobs: int = 1, name: str | None = None) -> dict[st
 
 
 def dump_size(path: Path) -> int:
-    return sum(file.stat().st_size for _, file in dump_files(path))
+    return sum(file.lstat().st_size for _, file in dump_files(path))

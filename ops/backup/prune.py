@@ -1,18 +1,33 @@
 """Applies the retention plan to the backup directory.
 
 Only good backups of the configured database are candidates; other databases' backups, foreign
-files and temporaries are invisible here. Records of failed runs of this database that are older
-than its newest good backup are removed too: they carry no data and have been superseded.
+files, invalid manifests and temporaries are invisible here. Records of failed runs of this
+database that are older than its newest good backup are removed too: they carry no data and
+have been superseded.
+
+A backup someone is reading (a restore, a verification) is kept this time: prune takes the
+backup's lock exclusively without waiting, and says so when it cannot. A backup a run has just
+taken is passed as ``protected`` and never deleted by that run, whatever the other manifests'
+clocks say.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from ops.backup.lock import RUN_LOCK, DirectoryLock, manifest_lock
-from ops.backup.manifest import BackupDirectory, Manifest
-from ops.backup.retention import Candidate, GfsRetention, RetentionPlan
+from ops.backup.lock import (
+    RUN_LOCK,
+    DirectoryLock,
+    LockHeld,
+    claim_for_deletion,
+    manifest_lock,
+    remove_stale_read_locks,
+)
+from ops.backup.manifest import BackupDirectory, Manifest, UnsafeEntry, utc_now
+from ops.backup.retention import Candidate, GfsRetention, RetentionPlan, is_future
 from ops.settings import BackupSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +49,8 @@ class PruneResult:
     backups: dict[str, Manifest]
     deleted: list[str] = field(default_factory=list)
     failed_records: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # id -> why it was kept this time
+    invalid: dict[str, str] = field(default_factory=dict)  # file -> why it was ignored
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, object]:
@@ -42,35 +59,63 @@ class PruneResult:
             "delete": [c.id for c in self.plan.delete],
             "deleted": self.deleted,
             "keep": self.plan.keep,
+            "skipped": self.skipped,
+            "future_dated": [c.id for c in self.plan.future],
+            "invalid": self.invalid,
             "failed_records_removed": self.failed_records,
         }
 
 
-def plan_prune(settings: Settings) -> PruneResult:
+def plan_prune(
+    settings: Settings, protected: Collection[str] = (), now: datetime | None = None
+) -> PruneResult:
     store = BackupDirectory(settings.backup.directory)
     backups = {m.id: m for m in store.backups(settings.db.database)}
-    plan = retention_for(settings.backup).plan(candidate(m) for m in backups.values())
-    return PruneResult(plan, backups)
+    plan = retention_for(settings.backup).plan(
+        (candidate(m) for m in backups.values()), now=now, protected=protected
+    )
+    for future in plan.future:
+        log.warning(
+            "backup %s is dated in the future (%s); kept, and not trusted for retention",
+            future.id,
+            backups[future.id].started_at,
+        )
+    return PruneResult(plan, backups, invalid=dict(store.invalid))
 
 
-def prune(settings: Settings, *, dry_run: bool = False, locked: bool = False) -> PruneResult:
+def prune(
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    locked: bool = False,
+    protected: Collection[str] = (),
+) -> PruneResult:
     """Delete what the plan says; ``locked`` when the caller already holds the run lock."""
     run_lock = DirectoryLock(settings.backup.directory, RUN_LOCK, "backup prune")
     if not locked and not dry_run:
+        BackupDirectory(settings.backup.directory).check()  # a clear error, not a lock file
         run_lock.acquire()
     try:
-        result = plan_prune(settings)
+        now = utc_now()
+        result = plan_prune(settings, protected, now)
         result.dry_run = dry_run
         if dry_run:
             return result
         store = BackupDirectory(settings.backup.directory)
         for doomed in result.plan.delete:
-            with manifest_lock(store.root, "backup prune"):
-                store.delete(result.backups[doomed.id])
+            try:
+                with claim_for_deletion(store, doomed.id), manifest_lock(store.root, "prune"):
+                    store.delete(result.backups[doomed.id])
+            except (LockHeld, UnsafeEntry) as held:  # being read, or its lock file is planted
+                result.skipped[doomed.id] = str(held)
+                log.warning("retention kept %s this time: %s", doomed.id, held)
+                continue
             result.deleted.append(doomed.id)
             log.info("retention deleted backup %s", doomed.id)
-        newest = max((m.started for m in result.backups.values()), default=None)
-        for record in store.manifests():
+        trusted = [m.started for m in result.backups.values() if not is_future(m.started, now)]
+        newest = max(trusted, default=None)
+        records = store.manifests()
+        for record in records:
             if (
                 not record.ok
                 and record.database == settings.db.database
@@ -78,8 +123,9 @@ def prune(settings: Settings, *, dry_run: bool = False, locked: bool = False) ->
                 and record.started < newest
             ):
                 with manifest_lock(store.root, "backup prune"):
-                    store.delete(record)
+                    store.delete(record, data=False)  # a failed run published no data
                 result.failed_records.append(record.id)
+        remove_stale_read_locks(store, (m.id for m in records))
         return result
     finally:
         run_lock.release()

@@ -14,9 +14,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import text
 
+from ops.backup.children import die_with_parent
+from ops.backup.lock import LockHeld, reading
 from ops.backup.manifest import BackupDirectory
 from ops.backup.pgtools import (
     RESTORE_APPLICATION_NAME,
@@ -63,6 +66,17 @@ class RestoreResult:
 
 
 def restore_backup(
+    settings: Settings, backup_id: str, target: str, **options: Any
+) -> RestoreResult:
+    """Restore while holding the backup's read lock: retention cannot delete it mid-restore."""
+    try:
+        with reading(BackupDirectory(settings.backup.directory), backup_id):
+            return _restore_backup(settings, backup_id, target, **options)
+    except (LockHeld, OSError, ValueError) as exc:
+        raise RestoreError(str(exc)) from exc
+
+
+def _restore_backup(
     settings: Settings,
     backup_id: str,
     target: str,
@@ -139,7 +153,12 @@ def _run_restore(
         else ("creating ", "executing ", "processing data")
     )
     process = subprocess.Popen(
-        command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=die_with_parent(),  # a killed restore must not keep writing the target
     )
     assert process.stderr is not None
     for raw in process.stderr:

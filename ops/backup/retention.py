@@ -8,15 +8,28 @@ mtimes, which a copy or a restore from tape changes.
 A policy keeps the newest backup of each of its N most recent periods *that have a backup*
 (restic and borg count the same way), so a week without backups does not silently shorten what
 is kept.
+
+Timestamps come from files anyone with access to the directory can write, and from hosts
+whose clocks may disagree. A backup dated more than ``FUTURE_TOLERANCE`` ahead of now is not
+trusted for ordering or bucketing: it takes no policy slot, is never deleted, and is reported.
+A backup the caller names as protected (the one a run has just taken) is never deleted either.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import ClassVar
+
+# Clocks of hosts sharing a volume disagree by seconds, not minutes.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+def is_future(moment: datetime, now: datetime) -> bool:
+    """``moment`` is later than ``now`` by more than clock skew explains."""
+    return moment > now + FUTURE_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,7 @@ class RetentionPlan:
 
     keep: dict[str, list[str]] = field(default_factory=dict)
     delete: list[Candidate] = field(default_factory=list)
+    future: list[Candidate] = field(default_factory=list)  # dated ahead of now: kept, untrusted
 
 
 @dataclass(frozen=True)
@@ -168,9 +182,19 @@ class GfsRetention:
             )
         )
 
-    def plan(self, candidates: Iterable[Candidate]) -> RetentionPlan:
-        ordered = newest_first(candidates)
-        plan = RetentionPlan()
+    def plan(
+        self,
+        candidates: Iterable[Candidate],
+        *,
+        now: datetime | None = None,
+        protected: Collection[str] = (),
+    ) -> RetentionPlan:
+        """``now`` (default: the current time) decides what is dated in the future;
+        ``protected`` ids are kept whatever their dates say."""
+        now = datetime.now(UTC) if now is None else now.astimezone(UTC)
+        everything = newest_first(candidates)
+        plan = RetentionPlan(future=[c for c in everything if is_future(c.utc, now)])
+        ordered = [c for c in everything if c not in plan.future]
 
         def mark(candidate: Candidate, why: str) -> None:
             plan.keep.setdefault(candidate.id, []).append(why)
@@ -182,9 +206,16 @@ class GfsRetention:
         if newest_verified is not None:
             mark(newest_verified, "newest verified backup")
         # An empty policy set must never mean "delete everything": the newest always stays.
-        if ordered and not plan.keep:
+        if ordered and not any(c.id in plan.keep for c in ordered):
             mark(ordered[0], "newest backup")
-        plan.delete = [c for c in reversed(ordered) if c.id not in plan.keep]
+        for candidate in everything:
+            if candidate.id in protected:
+                mark(candidate, "taken by this run")
+        for candidate in plan.future:
+            mark(
+                candidate, f"dated in the future ({candidate.utc:%Y-%m-%d %H:%M:%S} UTC): untrusted"
+            )
+        plan.delete = [c for c in reversed(everything) if c.id not in plan.keep]
         return plan
 
 

@@ -5,10 +5,17 @@ The run opens a REPEATABLE READ transaction, exports its snapshot, hands it to `
 in the manifest therefore describe exactly the data in the dump, which is what lets the restore
 drill compare for equality instead of "roughly".
 
-Publication order: dump into ``.dbops-tmp-<id>.dump`` (pg_dump fsyncs its output), hash, rename to
-``<id>.dump``, fsync the directory, then write the manifest. Until the manifest exists the dump is
+Publication order: dump into ``.dbops-tmp-<id>/<id>.dump`` (pg_dump fsyncs its output), hash,
+rename to ``<id>.dump``, fsync the directory, then write the manifest. The temporary directory is
+made by this run (``mkdir`` fails on any existing name, a planted link included) and is private
+to it, so pg_dump, which opens its output by name and follows links, never writes through a
+link someone placed in the backup directory. Until the manifest exists the dump is
 not a backup; a failed or interrupted run deletes its temporary files and records a manifest with
 ``status: failed`` and no data, which nothing treats as a backup.
+
+``pg_dump`` dies with the run (:mod:`ops.backup.children`) and inherits the run lock's
+descriptor: even a dump that somehow outlived its parent keeps the directory locked until it
+exits, so the next run never removes a temporary file a live dump is still writing.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.errors import error_line
-from ops.backup.lock import RUN_LOCK, DirectoryLock
+from ops.backup.children import die_with_parent
+from ops.backup.lock import RUN_LOCK, DirectoryLock, manifest_lock
 from ops.backup.manifest import (
     PRIVATE_DIR_MODE,
     PRIVATE_UMASK,
@@ -36,6 +44,7 @@ from ops.backup.manifest import (
     STATUS_OK,
     BackupDirectory,
     Manifest,
+    UnsafeEntry,
     checksum_dump,
     dump_size,
     format_time,
@@ -56,8 +65,12 @@ from ops.backup.pgtools import (
     quote_ident,
 )
 from ops.settings import BackupSettings, Settings
+from ops.units import human_size
 
 log = logging.getLogger(__name__)
+# The one summary line of a good run, for the sidecar's log. `ops backup run` prints its own
+# result instead and quiets this logger, so a run through `make backup` says it once.
+summary = logging.getLogger("ops.backup.summary")
 
 POLL_SECONDS = 0.2
 Progress = Callable[[int], None]  # bytes written so far
@@ -145,12 +158,17 @@ def run_backup(
         lock = DirectoryLock(directory, RUN_LOCK, "backup run")
         lock.acquire()
     except OSError as exc:
-        raise BackupError(f"backup directory {directory} is not usable: {exc.strerror}") from exc
+        reason = str(exc) if isinstance(exc, UnsafeEntry) else exc.strerror
+        raise BackupError(f"backup directory {directory} is not usable: {reason}") from exc
     try:
         store = BackupDirectory(directory)
-        for name in store.remove_temporaries():
-            log.info("removed leftover of an interrupted run: %s", name)
-        manifest = _dump(settings, store, progress, cancel)
+        try:
+            with manifest_lock(directory, "backup run"):  # a verification may be writing
+                for name in store.remove_temporaries():
+                    log.info("removed leftover of an interrupted run: %s", name)
+        except OSError as exc:
+            raise BackupError(f"backup directory {directory} is not usable: {exc}") from exc
+        manifest = _dump(settings, store, progress, cancel, lock.fileno())
         if after_success is not None:
             after_success(manifest)
         return manifest
@@ -163,12 +181,14 @@ def _dump(
     store: BackupDirectory,
     progress: Progress | None,
     cancel: threading.Event | None,
+    lock_fd: int,
 ) -> Manifest:
     backup = settings.backup
     started, clock = utc_now(), time.monotonic()
     backup_id = new_backup_id(started)
     final_name = f"{backup_id}.{'dump' if backup.format == 'custom' else 'dir'}"
-    temp = store.temp_path(final_name)
+    workdir = store.temp_path(backup_id)
+    temp = workdir / final_name
     manifest = Manifest(
         id=backup_id,
         database=settings.db.database,
@@ -179,6 +199,7 @@ def _dump(
     )
     engine = backup_engine(settings.db)
     try:
+        workdir.mkdir(mode=PRIVATE_DIR_MODE)  # never an existing name: nothing planted is used
         tool = find_tool("pg_dump", backup.bindir)
         manifest.pg_dump_version = tool.version
         with engine.connect() as connection:
@@ -196,7 +217,7 @@ def _dump(
                 command = pg_dump_command(tool, backup, temp, str(snapshot))
                 env = libpq_env(settings.db.url, DUMP_APPLICATION_NAME, settings.db.connect_timeout)
                 manifest.tables = _dump_while_counting(
-                    command, env, temp, snapshot_holder, tables, progress, cancel
+                    command, env, temp, snapshot_holder, tables, progress, cancel, lock_fd
                 )
         # pg_dump has fsynced its output already (we never pass --no-sync).
         manifest.files = checksum_dump(temp, backup.jobs, final_name)
@@ -204,20 +225,21 @@ def _dump(
         os.replace(temp, store.root / final_name)
         manifest.path = final_name  # from here on a failure must remove the published dump
         fsync_directory(store.root)
+        remove_path(workdir)
         manifest.status = STATUS_OK
         _finish(manifest, clock)
         store.write(manifest)
-        log.info(
-            "backup %s ok: %s, %.1f MB in %.2fs, %d tables",
+        summary.info(
+            "backup %s ok: %s, %s in %.2fs, %d tables",
             backup_id,
             final_name,
-            manifest.size_bytes / 1e6,
+            human_size(manifest.size_bytes),
             manifest.duration_seconds or 0.0,
             len(manifest.tables),
         )
         return manifest
     except BaseException as exc:
-        remove_path(temp)
+        remove_path(workdir)
         if manifest.path:  # published, but the manifest could not be written
             remove_path(store.root / manifest.path)
             manifest.path = None
@@ -246,6 +268,7 @@ def _dump_while_counting(
     tables: list[tuple[str, str]],
     progress: Progress | None,
     cancel: threading.Event | None,
+    lock_fd: int,
 ) -> dict[str, int]:
     """Run pg_dump while a thread counts rows in the snapshot; the calling thread stays free to
     notice cancellation, Ctrl-C or a dead pg_dump, and to stop both sides."""
@@ -261,7 +284,13 @@ def _dump_while_counting(
     counter = threading.Thread(target=count, name="dbops-backup-count", daemon=True)
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stderr=stderr, umask=PRIVATE_UMASK
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            umask=PRIVATE_UMASK,
+            pass_fds=(lock_fd,),  # the run lock stays held while pg_dump lives
+            preexec_fn=die_with_parent(),
         )
         counter.start()
         try:

@@ -22,9 +22,10 @@ from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import CollectorRegistry
 
 from ops.backup.lock import LockHeld
-from ops.backup.manifest import BackupDirectory, Manifest
+from ops.backup.manifest import PRIVATE_DIR_MODE, BackupDirectory, Manifest, utc_now
 from ops.backup.metrics import BackupCollector, BackupCounters
 from ops.backup.prune import prune
+from ops.backup.retention import is_future
 from ops.backup.runner import BackupCancelled, BackupError, run_backup
 from ops.backup.verify import DrillCancelled, VerifyError, drill, resolve
 from ops.settings import Settings
@@ -74,7 +75,15 @@ class BackupService:
         backup = self.settings.backup
         trigger = CronTrigger.from_crontab(backup.schedule, timezone=UTC)
         now = datetime.now(UTC)
-        newest = self.newest_backup()
+        try:  # the first run creates it anyway; made here so scrapes before it find it
+            backup.directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        except OSError as error:
+            log.warning("cannot create BACKUP_DIR %s: %s", backup.directory, error.strerror)
+        try:
+            newest = self.newest_backup()
+        except OSError as error:  # an unreadable directory must not stop the sidecar
+            log.warning("cannot list backups: %s", error)
+            newest = None
         extra: dict[str, Any] = {}
         if needs_catch_up(newest.started if newest else None, schedule_interval(trigger, now), now):
             log.info("newest good backup is older than the schedule interval: backing up now")
@@ -103,7 +112,10 @@ class BackupService:
 
     def health_problems(self) -> list[str]:
         max_age = self.settings.backup.max_age
-        newest = self.newest_backup()
+        try:
+            newest = self.newest_backup()
+        except OSError as error:
+            return [f"backup: {error}"]
         now = time.time()
         if newest is None:
             if now - self._started > max_age:
@@ -177,10 +189,12 @@ class BackupService:
     def _retention(self, manifest: Manifest) -> None:
         """Runs under the run lock right after a good backup; never fails the backup."""
         try:
-            result = prune(self.settings, locked=True)
+            result = prune(self.settings, locked=True, protected=(manifest.id,))
             self.counters.pruned.inc(len(result.deleted))
             if result.deleted:
                 log.info("retention deleted %d backup(s): %s", len(result.deleted), result.deleted)
+        except OSError as error:  # an unusable directory or a planted entry: one line
+            log.error("retention after backup %s failed: %s", manifest.id, error)
         except Exception:
             log.exception("retention after backup %s failed", manifest.id)
 
@@ -192,7 +206,7 @@ class BackupService:
             self.counters.verifications.labels("ok" if verification.ok else "failed").inc()
         except DrillCancelled as cancelled:
             log.warning("%s", cancelled)
-        except (VerifyError, LockHeld) as problem:
+        except (VerifyError, LockHeld, OSError) as problem:
             self.counters.verifications.labels("failed").inc()
             log.error("restore drill not run: %s", problem)
         except Exception:
@@ -213,5 +227,12 @@ class BackupService:
         return getattr(job, "next_run_time", None) if job is not None else None
 
     def newest_backup(self) -> Manifest | None:
-        good = self.store.backups(self.settings.db.database)
+        """The newest good backup not dated in the future (a skewed clock's manifest must not
+        hide a stale backup); :class:`OSError` when the directory is unusable."""
+        now = utc_now()
+        good = [
+            m
+            for m in self.store.backups(self.settings.db.database)
+            if not is_future(m.started, now)
+        ]
         return good[-1] if good else None

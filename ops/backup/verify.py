@@ -5,27 +5,39 @@ archive's table of contents: it catches bit rot, truncation and tampering in sec
 restores the backup into a scratch database and compares every table's row count with the
 counts taken in the dump's own snapshot; since both describe the same snapshot, they must be
 equal, not close. The scratch database is dropped whatever happens.
+
+Both hold the backup's read lock (:func:`ops.backup.lock.reading`) while they read the dump, so
+retention cannot delete it under them. On a read-only backup directory both still answer; only
+the record in the manifest is lost, and the log says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import re
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 from sqlalchemy import text
 
 from db.errors import error_line
-from ops.backup.lock import DirectoryLock, LockHeld, manifest_lock
+from ops.backup.children import die_with_parent
+from ops.backup.lock import DirectoryLock, LockHeld, manifest_lock, reading
 from ops.backup.manifest import (
     BackupDirectory,
     Manifest,
+    ManifestInvalid,
+    UnsafeEntry,
     Verification,
     checksum_dump,
+    data_name,
     format_time,
     utc_now,
 )
@@ -40,6 +52,7 @@ from ops.backup.pgtools import (
 )
 from ops.backup.runner import count_rows
 from ops.backup.toc import read_toc, restorable, restore_rights
+from ops.hints import spell
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,11 +75,15 @@ def scratch_database(backup_id: str) -> str:
 
 
 def checksum_problems(store: BackupDirectory, manifest: Manifest) -> list[str]:
-    """Every file whose content differs from the manifest, or that is missing or extra."""
-    path = store.data_path(manifest)
-    if not path.exists():
-        return [f"{manifest.path} is missing"]
-    actual = checksum_dump(path)
+    """Every file whose content differs from the manifest, or that is missing, extra, or not a
+    plain file (a link is reported, never followed)."""
+    problem = store.data_problem(manifest)
+    if problem is not None:
+        return [f"{data_name(manifest.id, manifest.format)} {problem}"]
+    try:
+        actual = checksum_dump(store.data_path(manifest))
+    except UnsafeEntry as exc:
+        return [f"{Path(exc.filename).name} {exc.strerror}"]
     problems = [
         f"{name}: sha256 mismatch"
         for name, digest in actual.items()
@@ -81,20 +98,23 @@ def check(settings: Settings, manifest: Manifest) -> Verification:
     """sha256 of every file, then ``pg_restore --list``; recorded in the manifest."""
     store = BackupDirectory(settings.backup.directory)
     started, clock = utc_now(), time.monotonic()
-    problems = checksum_problems(store, manifest)
-    if not problems:
-        try:
-            tool = find_tool("pg_restore", settings.backup.bindir)
-            listing = subprocess.run(
-                [tool.path, "--list", str(store.data_path(manifest))],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if listing.returncode != 0:
-                problems.append(f"pg_restore --list failed: {first_error_line(listing.stderr)}")
-        except ToolError as exc:
-            problems.append(str(exc))
+    with reading(store, manifest.id):
+        still_there(store, manifest)
+        problems = checksum_problems(store, manifest)
+        if not problems:
+            try:
+                tool = find_tool("pg_restore", settings.backup.bindir)
+                listing = subprocess.run(
+                    [tool.path, "--list", str(store.data_path(manifest))],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    preexec_fn=die_with_parent(),
+                )
+                if listing.returncode != 0:
+                    problems.append(f"pg_restore --list failed: {first_error_line(listing.stderr)}")
+            except ToolError as exc:
+                problems.append(str(exc))
     verification = Verification(
         kind=CHECKSUM,
         ok=not problems,
@@ -112,7 +132,8 @@ def drill(
     """Restore into ``dbops_verify_<id>``, compare row counts, drop it; recorded in the manifest."""
     store = BackupDirectory(settings.backup.directory)
     # Two drills of one backup would share (and drop) one scratch database.
-    with DirectoryLock(store.root, DRILL_LOCK, "restore drill"):
+    with _drill_lock(store), reading(store, manifest.id):
+        still_there(store, manifest)
         started, clock = utc_now(), time.monotonic()
         problems = checksum_problems(store, manifest)
         detail = ""
@@ -139,6 +160,31 @@ def drill(
         verification.detail,
     )
     return verification
+
+
+def still_there(store: BackupDirectory, manifest: Manifest) -> None:
+    """Once the read lock is held: the backup was not deleted while we waited for it."""
+    if store.get(manifest.id) is None:
+        raise VerifyError(f"backup {manifest.id} was deleted before it could be read")
+
+
+@contextlib.contextmanager
+def _drill_lock(store: BackupDirectory) -> Iterator[None]:
+    """The drill lock, or none on a directory we cannot write (a restore host mounting the
+    backups read-only): the drill still answers there."""
+    lock = DirectoryLock(store.root, DRILL_LOCK, "restore drill")
+    try:
+        lock.acquire()
+    except UnsafeEntry:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        log.warning("restore drill without the drill lock: %s: %s", store.root, exc.strerror)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _restore_and_compare(
@@ -209,7 +255,13 @@ def _run_cancellable(
 ) -> tuple[int, str]:
     """pg_restore that a stopping sidecar can interrupt, so the scratch database still drops."""
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=die_with_parent(),
+        )
         try:
             while True:
                 if cancel is not None and cancel.is_set():
@@ -249,7 +301,7 @@ def _compare_counts(settings: Settings, scratch: str, manifest: Manifest) -> tup
     return problems, f"{len(restored)} tables, {rows} rows match the dump-time counts"
 
 
-def record(store: BackupDirectory, backup_id: str, verification: Verification) -> None:
+def record(store: BackupDirectory, backup_id: str, verification: Verification) -> bool:
     """Append to the manifest unless retention deleted the backup meanwhile.
 
     A read-only backup directory (a restore host mounting the backups) still gets its answer;
@@ -260,26 +312,45 @@ def record(store: BackupDirectory, backup_id: str, verification: Verification) -
             current = store.get(backup_id)
             if current is None:
                 log.warning("backup %s vanished before its verification was recorded", backup_id)
-                return
+                return False
             current.verifications.append(verification)
             store.write(current)
+            return True
     except (OSError, LockHeld) as exc:
-        log.warning("verification of %s not recorded in its manifest: %s", backup_id, exc)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning(
+            "verification of %s not recorded in its manifest: %s: %s", backup_id, store.root, reason
+        )
+        return False
 
 
 def resolve(settings: Settings, backup_id: str | None) -> Manifest:
     """The named good backup of this database, or its newest one."""
     store = BackupDirectory(settings.backup.directory)
-    backups = store.backups(settings.db.database)
     if backup_id is None:
+        backups = store.backups(settings.db.database)  # BackupDirError: directory unusable
         if not backups:
             raise VerifyError(f"no backups of {settings.db.database} in {store.root}")
         return backups[-1]
-    manifest = store.get(backup_id)
-    if manifest is None or not manifest.path or not store.data_path(manifest).exists():
-        raise VerifyError(f"no backup {backup_id} in {store.root}")
+    store.check()  # only the named manifest is read: other files' problems are not ours here
+    try:
+        manifest = store.load(backup_id)
+    except (ManifestInvalid, UnsafeEntry) as invalid:
+        raise VerifyError(f"backup {backup_id} cannot be trusted: {invalid}") from None
+    if manifest is None or not manifest.path:
+        raise VerifyError(
+            f"no backup {backup_id} in {store.root} ({spell('ops backup list')} lists them)"
+        )
     if not manifest.ok:
-        raise VerifyError(f"{backup_id} is a failed run ({manifest.error}), not a backup")
+        error = "".join(c if c.isprintable() else "?" for c in manifest.error or "")
+        raise VerifyError(f"{backup_id} is a failed run ({error}), not a backup")
+    problem = store.data_problem(manifest)
+    if problem == "missing":
+        raise VerifyError(
+            f"no backup {backup_id} in {store.root} ({spell('ops backup list')} lists them)"
+        )
+    if problem is not None:
+        raise VerifyError(f"backup {backup_id}: {data_name(backup_id, manifest.format)} {problem}")
     return manifest
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from typing import Any
 
 from db.errors import error_line
 from ops.settings import Settings, load_settings
+from ops.units import human_size
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -55,8 +57,10 @@ def _fail(message: str) -> int:
     return EXIT_FAILED
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
+def printable(text: str) -> str:
+    """Text from a manifest on one terminal line: control characters escaped, so a planted
+    manifest cannot forge lines or move the cursor."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def run_backup(args: argparse.Namespace) -> int:
@@ -68,14 +72,16 @@ def run_backup(args: argparse.Namespace) -> int:
     settings = load_settings()
     tty = sys.stderr.isatty()
     pruned: list[str] = []
+    # the result is printed below; the sidecar's summary log line would say it a second time
+    logging.getLogger("ops.backup.summary").setLevel(logging.WARNING)
     _interrupt_on_sigterm()
 
     def progress(size: int) -> None:
-        print(f"\rdumping {settings.db.database}: {_megabytes(size)}", end="", file=sys.stderr)
+        print(f"\rdumping {settings.db.database}: {human_size(size)}", end="", file=sys.stderr)
 
-    def retention(_: object) -> None:
-        try:
-            pruned.extend(prune(settings, locked=True).deleted)
+    def retention(taken: Any) -> None:
+        try:  # the backup just taken is never pruned by its own run, whatever the clocks say
+            pruned.extend(prune(settings, locked=True, protected=(taken.id,)).deleted)
         except Exception as error:  # the backup itself is good; say why nothing was pruned
             print(f"retention failed (backup kept): {error}", file=sys.stderr)
 
@@ -92,7 +98,7 @@ def run_backup(args: argparse.Namespace) -> int:
         print(json.dumps({"backup": _row(manifest), "pruned": pruned}, indent=2))
     else:
         print(
-            f"backup {manifest.id} ok: {_megabytes(manifest.size_bytes)} in "
+            f"backup {manifest.id} ok: {human_size(manifest.size_bytes)} in "
             f"{manifest.duration_seconds:.1f}s, {len(manifest.tables)} tables"
         )
         if pruned:
@@ -139,10 +145,18 @@ def run_list(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = BackupDirectory(settings.backup.directory)
     database = settings.db.database
-    if args.all:
-        shown = [m for m in store.manifests() if m.database == database]
-    else:
-        shown = store.backups(database)
+    try:
+        if args.all:
+            shown = [m for m in store.manifests() if m.database == database]
+        else:
+            shown = store.backups(database)
+    except OSError as error:  # BackupDirError: missing or unreadable; never an empty listing
+        return _fail(f"list failed: {error}")
+    if store.invalid:
+        print(
+            f"{len(store.invalid)} invalid manifest(s) skipped (see the warnings above)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([_row(m) for m in shown], indent=2))
         return EXIT_OK
@@ -153,8 +167,9 @@ def run_list(args: argparse.Namespace) -> int:
     for m in shown:
         print(
             f"{m.id:<24} {m.started.strftime('%Y-%m-%d %H:%M:%S'):<20} "
-            f"{_megabytes(m.size_bytes):>10} {(m.duration_seconds or 0):>8.1f}s  "
-            f"{_verified(m):<15} {m.status}{' (' + (m.error or '') + ')' if not m.ok else ''}"
+            f"{human_size(m.size_bytes):>10} {(m.duration_seconds or 0):>8.1f}s  "
+            f"{_verified(m):<15} {m.status}"
+            f"{' (' + printable(m.error or '') + ')' if not m.ok else ''}"
         )
     return EXIT_OK
 
@@ -173,7 +188,7 @@ def run_verify(args: argparse.Namespace) -> int:
         print(json.dumps(as_dict(manifest, verification), indent=2))
     else:
         state = "ok" if verification.ok else "FAILED"
-        print(f"{manifest.id} {verification.kind} {state}: {verification.detail}")
+        print(f"{manifest.id} {verification.kind} {state}: {printable(verification.detail)}")
     return EXIT_OK if verification.ok else EXIT_FAILED
 
 
@@ -216,6 +231,7 @@ def run_restore(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     from ops.backup.lock import LockHeld
+    from ops.backup.manifest import BackupDirError, UnsafeEntry
     from ops.backup.prune import prune
 
     settings = load_settings()
@@ -223,6 +239,8 @@ def run_prune(args: argparse.Namespace) -> int:
         result = prune(settings, dry_run=args.dry_run)
     except LockHeld as held:
         return _fail(f"prune not started: {held}")
+    except (BackupDirError, UnsafeEntry) as error:
+        return _fail(f"prune failed: {error}")
     except OSError as error:
         return _fail(
             f"prune failed: {error.filename or settings.backup.directory}: {error.strerror}"
@@ -232,9 +250,14 @@ def run_prune(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
     for doomed in result.plan.delete:
+        if doomed.id in result.skipped:
+            print(f"kept {doomed.id} this time: {result.skipped[doomed.id]}")
+            continue
         print(f"{verb} {doomed.id} ({doomed.utc:%Y-%m-%d %H:%M:%S} UTC)")
     for backup_id, reasons in result.plan.keep.items():
         print(f"keep {backup_id}: {'; '.join(reasons)}")
     if not result.plan.delete:
         print("nothing to delete")
+    if result.invalid:
+        print(f"{len(result.invalid)} invalid manifest(s) ignored", file=sys.stderr)
     return EXIT_OK

@@ -85,6 +85,7 @@ class Stack:
         for name in ("POSTGRES_PUBLISH_PORT", "WORKLOAD_MODE", "DATABASE_URL"):
             self.env.pop(name, None)
         self.started = False
+        self.demo_started = 0.0  # monotonic time `make demo` was typed
         self.volumes_before = set(volumes())
 
     # --- commands ----------------------------------------------------------------------------
@@ -227,6 +228,9 @@ def write_fast_prometheus_config(path: Path) -> None:
     config.setdefault("global", {}).update(
         {"scrape_interval": "2s", "evaluation_interval": "2s", "scrape_timeout": "2s"}
     )
+    for job in config["scrape_configs"]:
+        for discovery in job.get("dns_sd_configs", []):
+            discovery["refresh_interval"] = "2s"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     path.chmod(0o644)
 

@@ -8,6 +8,7 @@ The tests run in file order and share one stack; each states what it proves on i
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -122,17 +123,35 @@ def test_sidecar_serves_metrics_and_is_healthy_and_ready(stack: Stack) -> None:
     assert stack.get("OPS_PORT", "/readyz")[0] == 200
 
 
+def test_a_new_stack_shows_no_down_target_and_no_pending_verify_alert(stack: Stack) -> None:
+    # the demo workload's target exists only while it runs; nothing reads as broken before
+    targets = stack.get_json("PROMETHEUS_PORT", "/api/v1/targets")["data"]["activeTargets"]
+    assert "dbops-app" not in {t["labels"]["job"] for t in targets}
+    wait_until(
+        lambda: stack.prometheus_query(
+            'dbops_backup_oldest_timestamp_seconds{job="dbops-sidecar"}'
+        ),
+        60,
+        "the sidecar's backup metrics in Prometheus",
+    )
+    assert stack.prometheus_query('ALERTS{alertname="DbopsBackupVerifyStale"}') == []
+
+
 @pytest.mark.timeout(600)
 def test_backup_through_the_sidecar_restores_into_a_scratch_database_with_equal_data(
     stack: Stack,
 ) -> None:
     result = stack.make("backup")
     assert result.returncode == 0, result.stdout + result.stderr
+    # one result line, not the log line and the printed line both
+    assert (result.stdout + result.stderr).count(" ok: ") == 1, result.stdout + result.stderr
     listed = stack.exec_ops("backup", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     backups = json.loads(listed.stdout)
     entries = backups["backups"] if isinstance(backups, dict) else backups
     newest = max(entries, key=lambda entry: entry["id"])
+    shown = stack.make("backups")
+    assert shown.returncode == 0 and newest["id"] in shown.stdout, shown.stdout + shown.stderr
 
     restore = stack.make("restore", ID=newest["id"], TARGET_DB="e2e_restored")
 
@@ -143,10 +162,26 @@ def test_backup_through_the_sidecar_restores_into_a_scratch_database_with_equal_
     # the sidecar's own restore drill (scratch database, row counts against the manifest)
     drill = stack.exec_ops("backup", "verify", "--drill", "--json", newest["id"])
     assert drill.returncode == 0 and json.loads(drill.stdout)["ok"] is True, drill.stdout
+    verified = stack.make("verify", ID=newest["id"], DRILL="1")
+    assert verified.returncode == 0 and "drill ok" in verified.stdout, verified.stdout
+
+
+def test_make_restore_speaks_make_not_ops_options(stack: Stack) -> None:
+    unknown = stack.make("restore", ID="20200101T000000Z-000000")
+    assert unknown.returncode != 0
+    assert "make backups" in unknown.stderr, unknown.stderr
+    newest = max(
+        json.loads(stack.exec_ops("backup", "list", "--json").stdout), key=lambda e: e["id"]
+    )
+    again = stack.make("restore", ID=newest["id"], TARGET_DB="e2e_restored")
+    assert again.returncode != 0
+    assert "FORCE=1" in again.stderr and "--force" not in again.stderr, again.stderr
+    assert table_digest(stack, "e2e_restored")["agents"].startswith("10:")
 
 
 @pytest.mark.timeout(600)
 def test_demo_workload_runs_as_the_application_role(stack: Stack) -> None:
+    stack.demo_started = time.monotonic()
     result = stack.make("demo", WORKLOAD_MODE="saturate")
     assert result.returncode == 0, result.stdout + result.stderr
     assert stack.containers()["workload"]["State"]["Health"]["Status"] == "healthy"
@@ -196,6 +231,11 @@ def test_pool_saturation_fires_and_reaches_alertmanager_and_the_sidecar(stack: S
         lambda: stack.firing("DbopsPoolSaturated"), 480, "DbopsPoolSaturated firing in Prometheus"
     )
     assert {alert["metric"]["pool"] for alert in firing} == {"dbops-workload"}
+    FIGURES["WORKLOAD_MODE=saturate make demo to DbopsPoolSaturated firing"] = (
+        f"{time.monotonic() - stack.demo_started:.0f} s (causes: "
+        + ", ".join(sorted({alert["metric"]["cause"] for alert in firing}))
+        + ")"
+    )
     received = wait_until(
         lambda: stack.alertmanager_alerts("DbopsPoolSaturated"), 60, "alert at Alertmanager"
     )
@@ -210,6 +250,15 @@ def test_pool_saturation_fires_and_reaches_alertmanager_and_the_sidecar(stack: S
 
     # Alertmanager's warning route waits group_wait before its webhook posts to ops:9188/alerts.
     wait_until(delivered_to_sidecar, 90, "DbopsPoolSaturated delivered to the sidecar's /alerts")
+
+
+def test_demo_stop_stops_the_workload_and_nothing_else(stack: Stack) -> None:
+    result = stack.make("demo-stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    containers = stack.containers()
+    assert "workload" not in containers
+    for service in ("postgres", "ops", "prometheus", "alertmanager"):
+        assert containers[service]["State"]["Status"] == "running", service
 
 
 @pytest.mark.timeout(600)

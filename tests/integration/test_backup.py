@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import threading
@@ -59,7 +60,11 @@ def test_backup_run_writes_dump_and_manifest_with_snapshot_row_counts(
 def test_restore_into_a_fresh_database_reproduces_the_data_exactly(
     pg: Server, source: URL, tmp_path: Path
 ) -> None:
-    assert ops(source, tmp_path, "backup", "run").returncode == 0
+    taken = ops(source, tmp_path, "backup", "run")
+    assert taken.returncode == 0
+    # the result once, in the unit that fits, not again as a log line
+    assert (taken.stdout + taken.stderr).count(" ok: ") == 1, taken.stdout + taken.stderr
+    assert re.search(r" ok: \d+(\.\d+)? (kB|MB) in ", taken.stdout), taken.stdout
     backup_id = BackupDirectory(tmp_path).backups(str(source.database))[-1].id
     target = f"{source.database}_restored"
     try:

@@ -148,6 +148,15 @@ def test_read_only_backup_directory_fails_runs_clearly_and_still_verifies(
     assert checked.returncode == 0, checked.stderr
     assert "checksum ok" in checked.stdout
     assert "not recorded in its manifest" in checked.stderr
+    drilled = ops(migrated_db, small_tmpfs, "backup", "verify", "--drill")
+    assert drilled.returncode == 0, drilled.stderr
+    assert f"{older.id} drill ok" in drilled.stdout
+    assert "not recorded in its manifest" in drilled.stderr and "Read-only" in drilled.stderr
+    assert "Traceback" not in drilled.stderr
+    listed = ops(migrated_db, small_tmpfs, "backup", "list")
+    assert listed.returncode == 0 and older.id in listed.stdout
+    dry = ops(migrated_db, small_tmpfs, "backup", "prune", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -170,6 +170,7 @@ def prometheus_config(ports: dict[str, int], rules: Path) -> dict[str, Any]:
     config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
     config["rule_files"] = [str(rules / "*.yml")]
     for job in config["scrape_configs"]:
+        job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
     config["alerting"]["alertmanagers"][0]["static_configs"] = [
         {"targets": [f"127.0.0.1:{ports['alertmanager']}"]}

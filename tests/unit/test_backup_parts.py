@@ -331,3 +331,15 @@ def test_backup_metrics_carry_the_contracted_names_from_manifests_alone(tmp_path
     assert value("dbops_backup_next_run_timestamp_seconds") == nxt.timestamp()
     for result in ("ok", "failed", "locked"):
         assert value("dbops_backup_runs_total", {"result": result}) == 0
+
+
+def test_sizes_are_shown_in_the_unit_that_fits() -> None:
+    from ops.units import human_size
+
+    assert human_size(0) == "0 B"
+    assert human_size(999) == "999 B"
+    assert human_size(48_213) == "48.2 kB"
+    assert human_size(2_000_000) == "2.00 MB"
+    assert human_size(63_500_000) == "63.5 MB"
+    assert human_size(1_070_000_000) == "1.07 GB"
+    assert human_size(5e15) == "5000.0 TB"

@@ -127,3 +127,33 @@ def test_wsgi_and_asgi_apps_serve_the_registry_without_a_socket() -> None:
         for m in sent[1:]  # type: ignore[misc]
     )
     engine.dispose()
+
+
+def test_instrument_refuses_an_sqlalchemy_release_it_was_not_tested_on() -> None:
+    import pytest
+
+    from db.metrics import UnsupportedSQLAlchemy, check_sqlalchemy
+
+    check_sqlalchemy("2.0.58")
+    check_sqlalchemy("2.1.9")
+    for version in ("2.2.0", "1.4.54", "3.0.0b1", "unknown"):
+        with pytest.raises(UnsupportedSQLAlchemy) as caught:
+            check_sqlalchemy(version)
+        assert "supports SQLAlchemy 2.0.x, 2.1.x" in str(caught.value)
+        assert version in str(caught.value)
+
+
+def test_instrument_checks_every_internal_before_changing_the_engine() -> None:
+    import pytest
+
+    from db.metrics import UnsupportedSQLAlchemy
+
+    engine = create_engine(URL)
+    pool_class = type(engine.pool)
+    del engine.pool._max_overflow  # as a release that renamed it would look
+
+    with pytest.raises(UnsupportedSQLAlchemy, match="QueuePool has no _max_overflow"):
+        instrument(engine, CollectorRegistry())
+
+    assert type(engine.pool) is pool_class  # untouched: it still works, unmeasured
+    assert "do_execute" not in vars(engine.dialect)

@@ -129,3 +129,49 @@ def test_stack_without_leaves_services_out_of_up() -> None:
 )
 def test_wait_verdicts(service: str, state: dict[str, object] | None, verdict: str) -> None:
     assert stack.judge(service, state) == verdict
+
+
+def test_without_grafana_its_password_is_neither_generated_nor_required(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path), "STACK_WITHOUT": "grafana"})
+
+    the_stack.ensure_env_file()
+
+    values = stack.read_env_file(path)
+    assert "GRAFANA_ADMIN_PASSWORD" not in values or values["GRAFANA_ADMIN_PASSWORD"] == ""
+    assert all(len(values[name]) >= 24 for name in the_stack.secrets)
+    # the same file with Grafana back in: its password is asked for by name
+    with pytest.raises(stack.StackError) as caught:
+        stack.Stack({"STACK_ENV_FILE": str(path)}).ensure_env_file()
+    assert "GRAFANA_ADMIN_PASSWORD is empty" in str(caught.value)
+
+
+def test_each_compose_project_gets_its_own_image_tag(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    path.write_text("")
+    base = {"STACK_ENV_FILE": str(path)}
+    assert stack.Stack(base).image == "dbops:local"
+    other = stack.Stack({**base, "COMPOSE_PROJECT_NAME": "staging"})
+    assert other.image == "dbops-staging:local"
+    assert other.compose_environ()["DBOPS_IMAGE"] == "dbops-staging:local"
+    assert stack.Stack({**base, "DBOPS_IMAGE": "registry/dbops:1.2"}).image == "registry/dbops:1.2"
+
+
+def test_without_grafana_up_links_the_headline_queries_in_prometheus(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    path.write_text("PROMETHEUS_PORT=19090\n")
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path), "STACK_WITHOUT": "grafana"})
+
+    links = dict(the_stack.graph_links())
+
+    assert links["pool utilisation"] == (
+        "http://127.0.0.1:19090/graph?g0.expr=pool%3Adbops_pool_utilisation%3Aratio&g0.tab=0"
+    )
+    assert len(links) == len(stack.HEADLINE_QUERIES)
+
+
+def test_headline_queries_name_recording_rules_that_exist() -> None:
+    rules = (ROOT / "monitoring" / "prometheus" / "rules" / "dbops-recording.yml").read_text()
+    for _, expr in stack.HEADLINE_QUERIES:
+        if ":" in expr:
+            assert f"record: {expr}\n" in rules, expr
