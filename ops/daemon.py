@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from db.engine import create_engine
 from db.errors import error_line
 from db.metrics import instrument
+from db.redact import redact
 from ops.http import AlertReceiver, HttpServer, SidecarApp
 from ops.settings import Settings
 
@@ -156,7 +157,7 @@ class Daemon:
             try:
                 problems.extend(component.health_problems())
             except Exception as error:
-                problems.append(f"{component.name}: health check failed: {error}")
+                problems.append(f"{component.name}: health check failed: {redact(str(error))}")
         return not problems, {"healthy": not problems, "problems": problems}
 
     def _heartbeat(self) -> None:

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from db.redact import redact
+
 QUIET_LOGGERS = ("alembic.runtime.migration", "alembic.runtime.plugins", "apscheduler")
 
 
@@ -16,11 +18,19 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with every password form in the message or traceback redacted: the
+    last line of defence for a URL or conninfo that a library puts in its own messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup_logging(log_format: str = "text", level: str = "info") -> None:
@@ -29,9 +39,7 @@ def setup_logging(log_format: str = "text", level: str = "info") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
-            )
+            TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

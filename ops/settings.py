@@ -6,6 +6,7 @@ sidecar alike, before any connection or thread starts.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -15,11 +16,12 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from db.redact import REDACTED, redact, redact_url
 from db.seed.settings import SeedSettings, read_seed_settings
 from db.settings import (
-    REDACTED,
     DbSettings,
     EnvReader,
+    is_application_name,
     read_db_settings,
     read_postgres_url,
 )
@@ -27,7 +29,14 @@ from ops.collectors.base import COLLECTOR_NAMES
 
 BACKUP_FORMATS = ("custom", "directory")
 LOG_FORMATS = ("text", "json")
-_COMPRESSION = re.compile(r"^(?:[0-9]|(?:none|gzip|lz4|zstd)(?::\d{1,2})?)$")
+_COMPRESSION = re.compile(r"^(?:[0-9]|(?P<method>none|gzip|lz4|zstd)(?::(?P<level>\d{1,2}))?)$")
+# The levels pg_dump 16+ accepts per method (src/common/compression.c); "none" takes none.
+COMPRESSION_LEVELS = {"gzip": (1, 9), "lz4": (1, 12), "zstd": (1, 22), "none": (0, 0)}
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
+    re.ASCII,
+)
 _LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\s]*):(?P<port>\d{1,5})$")
 
 
@@ -50,7 +59,21 @@ def parse_listen(text: str) -> tuple[str, int]:
     match = _LISTEN.match(text.strip())
     if not match or not 0 < int(match.group("port")) < 65536:
         raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:9188")
-    return match.group("host").strip("[]"), int(match.group("port"))
+    host = match.group("host").strip("[]")
+    if not _is_listen_host(host, bracketed=match.group("host").startswith("[")):
+        raise ValueError("host must be an IP address or a host name, e.g. 0.0.0.0:9188")
+    return host, int(match.group("port"))
+
+
+def _is_listen_host(host: str, *, bracketed: bool) -> bool:
+    """An address the server could bind: checked here, not found out at bind time."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed or re.fullmatch(r"[0-9.]+", host):
+            return False  # 999.1.1.1 would go to DNS as a name
+        return host == "" or _HOST_NAME.fullmatch(host) is not None
+    return address.version == 6 if bracketed else address.version == 4
 
 
 @dataclass(frozen=True)
@@ -82,7 +105,7 @@ class SidecarSettings:
     pool_size: int = 2
     application_name: str = "dbops-sidecar"
     # MONITOR_DATABASE_URL: the exporter's own login (a pg_monitor role); None = the db settings
-    monitor_url: URL | None = field(default=None, metadata={"secret": True})
+    monitor_url: URL | None = field(default=None, repr=False)
     # OPS_COLLECTORS_DISABLED: collectors left out (e.g. what CloudNativePG already exports)
     disabled_collectors: tuple[str, ...] = ()
 
@@ -104,10 +127,8 @@ def read_backup_settings(reader: EnvReader) -> BackupSettings:
         reader.problem("BACKUP_VERIFY_SCHEDULE", verify_schedule, reason)
     backup_format = reader.choice("BACKUP_FORMAT", BackupSettings.format, BACKUP_FORMATS)
     compression = reader.string("BACKUP_COMPRESSION", BackupSettings.compression).lower()
-    if not _COMPRESSION.match(compression):
-        reader.problem(
-            "BACKUP_COMPRESSION", compression, "must be 0-9 or METHOD[:LEVEL] (gzip, lz4, zstd)"
-        )
+    if (reason := compression_problem(compression)) is not None:
+        reader.problem("BACKUP_COMPRESSION", compression, reason)
     jobs = reader.integer("BACKUP_JOBS", BackupSettings.jobs, minimum=1, maximum=64)
     if jobs > 1 and backup_format != "directory":
         reader.problem("BACKUP_JOBS", str(jobs), "parallel dumps need BACKUP_FORMAT=directory")
@@ -125,6 +146,18 @@ def read_backup_settings(reader: EnvReader) -> BackupSettings:
         max_age=reader.duration("BACKUP_MAX_AGE", BackupSettings.max_age, minimum=60),
         bindir=_read_bindir(reader),
     )
+
+
+def compression_problem(compression: str) -> str | None:
+    match = _COMPRESSION.match(compression)
+    if not match:
+        return "must be 0-9 or METHOD[:LEVEL] (gzip, lz4, zstd)"
+    method, level = match.group("method"), match.group("level")
+    if method is not None and level is not None:
+        low, high = COMPRESSION_LEVELS[method]
+        if not low <= int(level) <= high:
+            return f"{method} level must be {low}-{high}" if high else "none takes no level"
+    return None
 
 
 def _read_bindir(reader: EnvReader) -> Path | None:
@@ -154,8 +187,8 @@ def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
         listen_port=port,
         log_format=reader.choice("OPS_LOG_FORMAT", "text", LOG_FORMATS),
         log_level=reader.choice("OPS_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
-        query_timeout=reader.duration("OPS_QUERY_TIMEOUT", 2.0, minimum=0.01),
-        lock_timeout=reader.duration("OPS_LOCK_TIMEOUT", 0.5, minimum=0.001),
+        query_timeout=reader.duration("OPS_QUERY_TIMEOUT", 2.0, minimum=0.01, postgres=True),
+        lock_timeout=reader.duration("OPS_LOCK_TIMEOUT", 0.5, minimum=0.001, postgres=True),
         collector_ttl=reader.duration("OPS_COLLECTOR_TTL", 60.0, minimum=1),
         top_n=reader.integer("OPS_TOP_N", 20, minimum=1, maximum=500),
         pool_size=reader.integer("OPS_POOL_SIZE", 2, minimum=1, maximum=20),
@@ -186,14 +219,15 @@ def _read_disabled_collectors(reader: EnvReader) -> tuple[str, ...]:
 
 def _read_application_name(reader: EnvReader) -> str:
     name = reader.string("OPS_APPLICATION_NAME", SidecarSettings.application_name)
-    if len(name) > 50 or not name.isprintable():
-        reader.problem("OPS_APPLICATION_NAME", name, "must be printable, <= 50 chars")
+    if not is_application_name(name, 50):  # room for the "-ready" and "-monitor" suffixes
+        reader.problem("OPS_APPLICATION_NAME", name, "must be printable ASCII, <= 50 chars")
     return name
 
 
 def _read_monitor_url(reader: EnvReader) -> URL | None:
-    """``MONITOR_DATABASE_URL`` (or ``_FILE``), checked like ``DATABASE_URL``."""
-    return read_postgres_url(reader, "MONITOR_DATABASE_URL")[1]
+    """``MONITOR_DATABASE_URL`` (or ``_FILE``), checked like ``DATABASE_URL``; without a
+    password in it, the monitor role's ``MONITOR_DB_PASSWORD`` is used."""
+    return read_postgres_url(reader, "MONITOR_DATABASE_URL", "MONITOR_DB_PASSWORD")[1]
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -217,12 +251,12 @@ def describe(settings: Settings) -> dict[str, dict[str, Any]]:
         entries: dict[str, Any] = {}
         for item in fields(value):
             entry = getattr(value, item.name)
-            if item.name == "url":
-                entry = value.redacted_url
+            if isinstance(entry, URL):
+                entry = redact_url(entry)
             elif item.metadata.get("secret"):
                 entry = REDACTED if entry is not None else None
-            elif isinstance(entry, Path):
-                entry = str(entry)
+            elif isinstance(entry, Path | str):
+                entry = redact(str(entry))  # a password pasted where it does not belong
             entries[item.name] = entry
         shown[section.name] = entries
     return shown

@@ -19,6 +19,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool
 
+from db.redact import redact
 from db.settings import DbSettings
 
 APPLICATION_NAME = "dbops-backup"  # the run's own session: version check, snapshot, row counts
@@ -33,14 +34,32 @@ OWN_APPLICATION_NAMES = (
     RESTORE_APPLICATION_NAME,
 )
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
-# URL query parameters that libpq also reads from the environment
+# URL query parameters and the libpq environment variables that carry them to pg_dump and
+# pg_restore (https://www.postgresql.org/docs/current/libpq-envars.html). host, port, user,
+# password and dbname are handled apart: the URL's own parts give them too.
 _LIBPQ_QUERY_ENV = {
+    "hostaddr": "PGHOSTADDR",
+    "passfile": "PGPASSFILE",
+    "channel_binding": "PGCHANNELBINDING",
+    "options": "PGOPTIONS",
+    "client_encoding": "PGCLIENTENCODING",
     "sslmode": "PGSSLMODE",
     "sslrootcert": "PGSSLROOTCERT",
     "sslcert": "PGSSLCERT",
     "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "sslcrldir": "PGSSLCRLDIR",
+    "sslsni": "PGSSLSNI",
+    "sslcertmode": "PGSSLCERTMODE",
+    "requirepeer": "PGREQUIREPEER",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+    "gssencmode": "PGGSSENCMODE",
+    "gsslib": "PGGSSLIB",
+    "krbsrvname": "PGKRBSRVNAME",
+    "require_auth": "PGREQUIREAUTH",
     "target_session_attrs": "PGTARGETSESSIONATTRS",
-    "options": "PGOPTIONS",
+    "load_balance_hosts": "PGLOADBALANCEHOSTS",
 }
 
 
@@ -93,23 +112,51 @@ def check_client_version(tool: ClientTool, server_version_num: int) -> None:
 def libpq_env(
     url: URL, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
 ) -> dict[str, str]:
-    """This process's environment minus any ``PG*`` it carries, plus ``url`` as libpq variables."""
+    """This process's environment minus any ``PG*`` it carries, plus ``url`` as libpq variables.
+
+    What the URL's query says wins over its other parts, as it does for the pool's connections
+    (SQLAlchemy hands the query to libpq last): ``postgresql://user@/db?host=/run/pg&port=5433``
+    reaches the socket ``/run/pg/.s.PGSQL.5433``, not the default port's.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    query = {k: v if isinstance(v, str) else v[-1] for k, v in url.query.items()}
-    host = query.pop("host", None) or url.host
+    query = {k: [v] if isinstance(v, str) else list(v) for k, v in url.query.items()}
+    hosts, ports = _hosts_and_ports(query.pop("host", []))
     values = {
-        "PGHOST": host,
-        "PGPORT": str(url.port) if url.port else None,
-        "PGUSER": url.username,
-        "PGPASSWORD": url.password if isinstance(url.password, str) else None,
+        "PGHOST": hosts or url.host,
+        "PGPORT": _last(query, "port") or ports or (str(url.port) if url.port else None),
+        "PGUSER": _last(query, "user") or url.username,
+        "PGPASSWORD": _last(query, "password")
+        or (url.password if isinstance(url.password, str) else None),
         "PGDATABASE": url.database,
         "PGAPPNAME": application_name,
         "PGCONNECT_TIMEOUT": str(connect_timeout),
     }
     for key, variable in _LIBPQ_QUERY_ENV.items():
-        values[variable] = query.get(key)
+        values[variable] = _last(query, key)
     env.update({k: v for k, v in values.items() if v})
     return env
+
+
+def _last(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    return values[-1] if values else None
+
+
+def _hosts_and_ports(values: list[str]) -> tuple[str | None, str | None]:
+    """SQLAlchemy's multi-host form (``?host=h1:5432&host=h2:5433``) as libpq's lists
+    (``PGHOST=h1,h2 PGPORT=5432,5433``); a single ``host=`` (a socket directory) as it is."""
+    if len(values) <= 1:
+        return (values[0] if values else None), None
+    hosts, ports = [], []
+    for value in values:
+        host, colon, port = value.rpartition(":")
+        if colon and port.isdigit() and not value.startswith("/"):
+            hosts.append(host)
+            ports.append(port)
+        else:
+            hosts.append(value)
+            ports.append("")
+    return ",".join(hosts), (",".join(ports) if any(ports) else None)
 
 
 def backup_engine(
@@ -132,9 +179,10 @@ def quote_ident(name: str) -> str:
 
 
 def first_error_line(stderr: str) -> str:
-    """The line of a client program's stderr worth showing (the first error, else the last)."""
+    """The line of a client program's stderr worth showing (the first error, else the last),
+    any password in it redacted."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in lines:
         if "error" in line.lower() or "fatal" in line.lower():
-            return line
-    return lines[-1] if lines else "no output"
+            return redact(line)
+    return redact(lines[-1]) if lines else "no output"

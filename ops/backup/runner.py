@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.errors import error_line
+from db.redact import redact
 from ops.backup.children import die_with_parent
 from ops.backup.lock import RUN_LOCK, DirectoryLock, manifest_lock
 from ops.backup.manifest import (
@@ -378,6 +379,11 @@ def _finish(manifest: Manifest, clock: float) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    """What a failed run's manifest and log line say: one line, passwords redacted."""
+    return redact(_describe_unredacted(exc))
+
+
+def _describe_unredacted(exc: BaseException) -> str:
     if isinstance(exc, BackupError | ToolError):
         return str(exc)
     if isinstance(exc, SQLAlchemyError):

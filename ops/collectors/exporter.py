@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from db.engine import create_engine
 from db.errors import error_line
 from db.metrics import Histogram, instrument
+from db.redact import redact_url
 from ops.collectors.activity import ActivityCollector
 from ops.collectors.base import Collector, Options
 from ops.collectors.databases import DatabaseStatsCollector
@@ -367,7 +368,7 @@ class ExporterService:
             log.info("exporter collectors disabled: %s", ", ".join(self.disabled))
         log.info(
             "exporter connects to %s (pool of %d, statement timeout %gs, lock timeout %gs)",
-            self.engine.url.render_as_string(hide_password=True),
+            redact_url(self.engine.url),
             self.engine.pool.size(),  # type: ignore[attr-defined]
             self.exporter.timeout,
             self.lock_timeout,
