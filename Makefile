@@ -81,7 +81,8 @@ bench: $(STAMP)
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
 # make up | down | ps | logs [SERVICE=ops] | backup | backups | verify [ID=...] [DRILL=1]
-# make restore ID=... [TARGET_DB=name] [FORCE=1] | psql | demo (WORKLOAD_MODE=saturate) | demo-stop
+# make restore ID=... [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1]
+# make psql | demo (WORKLOAD_MODE=saturate) | demo-stop | e2e
 # Each runs in the stack's containers (the sidecar for backups); `ops` on the host is for host
 # installs.
 STACK := $(PYTHON) docker/stack.py
@@ -112,8 +113,8 @@ verify:
 	@$(STACK) verify $(if $(DRILL),--drill) $(if $(ID),-- $(call quote,$(ID)))
 
 restore:
-	@test -n $(call quote,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] (make backups lists the ids)" >&2; exit 2; }
-	@$(STACK) restore $(if $(TARGET_DB),--target-db $(call quote,$(TARGET_DB))) $(if $(FORCE),--force) -- $(call quote,$(ID))
+	@test -n $(call quote,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1] (make backups lists the ids)" >&2; exit 2; }
+	@$(STACK) restore $(if $(TARGET_DB),--target-db=$(call quote,$(TARGET_DB))) $(if $(FORCE),--force) $(if $(REPLACE_LIVE),--replace-live) $(if $(ALLOW_POSTGRES_DB),--allow-postgres-db) -- $(call quote,$(ID))
 
 psql:
 	@$(STACK) psql

@@ -43,6 +43,7 @@ SECRETS = (
     "BACKUP_DB_PASSWORD",
     "ADMIN_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
+    "OPS_ALERTS_TOKEN",
 )
 SECRET_OWNER = {"GRAFANA_ADMIN_PASSWORD": "grafana"}  # needed only when that service runs
 # Headline queries of the dashboards, printed as Prometheus graph links when Grafana is left out.
@@ -54,6 +55,8 @@ HEADLINE_QUERIES = (
     ("backup age", "instance:dbops_backup_age_seconds"),
     ("database size", "dbops_pg_database_size_bytes"),
 )
+# Secrets added after the first release: an older .env without them gets one appended.
+ADDED_SECRETS = ("OPS_ALERTS_TOKEN",)
 URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -96,7 +99,7 @@ def create_env_file(path: Path, skip: frozenset[str] = frozenset()) -> list[str]
     generated: list[str] = []
     lines = []
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^([A-Z0-9_]+_PASSWORD)=\s*$", line)
+        match = re.match(r"^([A-Z0-9_]+_(?:PASSWORD|TOKEN))=\s*$", line)
         if match and match.group(1) not in skip:
             # URL-safe, so every password can also be written into a connection URL
             line = f"{match.group(1)}={secrets.token_urlsafe(24)}"
@@ -106,6 +109,19 @@ def create_env_file(path: Path, skip: frozenset[str] = frozenset()) -> list[str]
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     return generated
+
+
+def add_missing_secrets(path: Path, environ: dict[str, str]) -> list[str]:
+    """Append a generated value for each of ``ADDED_SECRETS`` that neither the file nor the
+    environment mentions (an .env from before they existed); existing lines are left alone."""
+    present = read_env_file(path)
+    missing = [n for n in ADDED_SECRETS if n not in present and not environ.get(n)]
+    if missing:
+        text = path.read_text(encoding="utf-8")
+        lines = [f"{name}={secrets.token_urlsafe(24)}" for name in missing]
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(("" if text.endswith("\n") or not text else "\n") + "\n".join(lines) + "\n")
+    return missing
 
 
 class Stack:
@@ -226,6 +242,9 @@ class Stack:
                 f"({', '.join(generated)}); keep it private, it is the only copy. "
                 "ADMIN_PASSWORD there is the platform admin's login"
             )
+        added = add_missing_secrets(self.env_file, self.environ)
+        if added:
+            say(f"added generated {', '.join(added)} to {self.env_file}")
         problems = []
         for name in self.secrets:
             value = self.setting(name)
@@ -235,6 +254,8 @@ class Stack:
                 problems.append(
                     f"{name} must use only A-Z a-z 0-9 . _ ~ - (it is written into a URL)"
                 )
+            elif name == "OPS_ALERTS_TOKEN" and not re.match(r"^[\x21-\x7e]{16,4096}$", value):
+                problems.append(f"{name} must be 16 or more visible ASCII characters, no spaces")
             elif name != "GRAFANA_ADMIN_PASSWORD" and len(value) < 12:
                 # what `ops db init` demands of the admin's and the roles' passwords
                 problems.append(f"{name} must be at least 12 characters")
@@ -483,12 +504,27 @@ def restore_target(stack: Stack, backup_id: str) -> str:
     )
 
 
-def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
+def restore_compose_args(stack: Stack, args: argparse.Namespace) -> list[str]:
+    """The compose arguments of a restore; the name and id go to ``ops`` as data, never options.
+
+    An ordinary restore runs in the sidecar as the backup role, which may create databases.
+    Replacing the live database runs as its owner (db-init's role) in a one-off db-init
+    container: the backup role can neither rename the live database nor end its sessions.
+    """
     target = args.target_db or restore_target(stack, args.id)
-    command = ["backup", "restore", "--target-db", target]
-    if args.force:
-        command.append("--force")
-    return ops_in_sidecar(stack, *command, "--", args.id)
+    command = ["backup", "restore", f"--target-db={target}"]
+    command += ["--force"] if args.force else []
+    command += ["--replace-live"] if args.replace_live else []
+    command += ["--allow-postgres-db"] if args.allow_postgres_db else []
+    command += ["--", args.id]
+    hints = ["-e", "OPS_HINTS=make"]  # messages name FORCE=1, not --force
+    if args.replace_live:
+        return ["run", "--rm", "--no-deps", *exec_args(), *hints, "db-init", *command]
+    return ["exec", *exec_args(), *hints, "ops", "ops", *command]
+
+
+def cmd_restore(stack: Stack, args: argparse.Namespace) -> int:
+    return stack.run_compose(*restore_compose_args(stack, args), check=False)
 
 
 def cmd_psql(stack: Stack, args: argparse.Namespace) -> int:
@@ -530,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("id")
     restore.add_argument("--target-db", default="")
     restore.add_argument("--force", action="store_true")
+    restore.add_argument("--replace-live", action="store_true")
+    restore.add_argument("--allow-postgres-db", action="store_true")
     restore.set_defaults(handler=cmd_restore)
     psql = commands.add_parser("psql", help="psql as the database owner (extra arguments: psql's)")
     psql.set_defaults(handler=cmd_psql)

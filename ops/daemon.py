@@ -9,6 +9,7 @@ failing job becomes a metric and a log line, never a dead loop.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -27,13 +28,40 @@ from db.engine import create_engine
 from db.errors import error_line
 from db.metrics import instrument
 from db.redact import redact
-from ops.http import AlertReceiver, HttpServer, SidecarApp
+from ops.alerts import AlertReceiver
+from ops.http import HttpLimits, HttpServer, SidecarApp
 from ops.settings import Settings
 
 log = logging.getLogger("ops.daemon")
 
 HEARTBEAT_SECONDS = 5.0
 LOOP_SECONDS = 0.5
+# Compose gives 30 s between SIGTERM and SIGKILL; stopping takes at most this, then ``ops serve``
+# exits even if a thread is still stuck on a frozen database (it cannot be interrupted).
+SHUTDOWN_SECONDS = 8.0
+# An interpreter that has not run the main loop for this long is frozen: see FreezeWatchdog.
+FREEZE_SECONDS = 20.0
+
+
+class FreezeWatchdog:
+    """Ends the process when the interpreter has stood still for ``seconds``.
+
+    A C call that blocks while holding the GIL stops every Python thread, signal handlers
+    included, and SIGTERM then waits for SIGKILL. psycopg2's ``connection.cancel()`` does that
+    against a frozen server (libpq's PQcancel waits for the server's answer with the GIL held).
+    faulthandler's watchdog is a C thread that needs no GIL: the main loop re-arms it twice a
+    second, so it fires only when the loop has not run for ``seconds``; it writes every thread's
+    stack to stderr, to show what froze, and exits with code 1.
+    """
+
+    def __init__(self, seconds: float = FREEZE_SECONDS) -> None:
+        self.seconds = seconds
+
+    def feed(self) -> None:
+        faulthandler.dump_traceback_later(self.seconds, exit=True)
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
 
 
 class Component(Protocol):
@@ -141,6 +169,7 @@ class Daemon:
         self._loop_beat = time.monotonic()
         self._scheduler_beat = time.monotonic()
         self.http: HttpServer | None = None
+        self.watchdog = FreezeWatchdog()
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -178,8 +207,16 @@ class Daemon:
                 previous[signum] = signal.signal(signum, self.request_stop)
         try:
             try:
-                app = SidecarApp(self.registry, self.health, self.readiness.check, self.alerts)
-                self.http = HttpServer(sidecar.listen_host, sidecar.listen_port, app)
+                limits = http_limits(self.settings)
+                app = SidecarApp(
+                    self.registry,
+                    self.health,
+                    self.readiness.check,
+                    self.alerts,
+                    alerts_token=sidecar.alerts_token,
+                    limits=limits,
+                )
+                self.http = HttpServer(sidecar.listen_host, sidecar.listen_port, app, limits)
             except OSError as error:
                 log.error(
                     "cannot listen on %s:%s: %s", sidecar.listen_host, sidecar.listen_port, error
@@ -206,16 +243,26 @@ class Daemon:
                 self.http.port,
                 ", ".join(component.name for component in self.components),
             )
+            if sidecar.alerts_token is None:
+                log.warning("POST /alerts is off: set OPS_ALERTS_TOKEN or OPS_ALERTS_TOKEN_FILE")
+            self.watchdog.feed()
             while not self._stop.wait(LOOP_SECONDS):
                 self._loop_beat = time.monotonic()
+                self.watchdog.feed()
             log.info("stopping on %s", self._signal)
             return 0
         finally:
-            self._shutdown()
+            self._shutdown()  # still watched: a stop step that freezes the interpreter ends it
+            self.watchdog.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
     def _shutdown(self) -> None:
+        """Stop each part in turn, within ``SHUTDOWN_SECONDS`` in all, whatever the database does.
+
+        Each step runs on a thread of its own: a step stuck on a frozen server (disposing a
+        pool whose connection is mid-query) is left behind, logged, and the next one runs.
+        """
         steps: list[tuple[str, Any]] = []
         if self.http is not None:
             steps.append(("http server", self.http.shutdown))
@@ -223,9 +270,34 @@ class Daemon:
             steps.append(("scheduler", lambda: self.scheduler.shutdown(wait=False)))
         steps += [(component.name, component.stop) for component in self.components]
         steps.append(("readiness engine", self.readiness.stop))
+        deadline = time.monotonic() + SHUTDOWN_SECONDS
         for name, stop in steps:
-            try:
-                stop()
-            except Exception as error:
-                log.error("stopping %s failed: %s", name, error)
+            errors: list[BaseException] = []
+
+            def run(stop: Any = stop, errors: list[BaseException] = errors) -> None:
+                try:
+                    stop()
+                except Exception as error:
+                    errors.append(error)
+
+            worker = threading.Thread(target=run, name=f"stop {name}", daemon=True)
+            worker.start()
+            worker.join(max(0.1, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.error("stopping %s did not finish in time; leaving it", name)
+            elif errors:
+                log.error("stopping %s failed: %s", name, errors[0])
         log.info("stopped")
+
+
+def http_limits(settings: Settings) -> HttpLimits:
+    sidecar = settings.sidecar
+    return HttpLimits(
+        threads=sidecar.http_threads,
+        connection_limit=sidecar.http_connections,
+        idle_timeout=sidecar.http_idle_timeout,
+        backlog=sidecar.http_backlog,
+        deadline=sidecar.http_deadline,
+        # the exporter answers by its own deadline (2 x query timeout + 1 s); this adds the rest
+        metrics_deadline=sidecar.http_deadline + 2 * sidecar.query_timeout + 1,
+    )

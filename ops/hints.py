@@ -17,7 +17,7 @@ MAKE_SPELLING = {
     "ops backup verify --drill": "make verify DRILL=1",
     "ops backup restore": "make restore",
     "--force": "FORCE=1",
-    "--target-db": "TARGET_DB=",
+    "--target-db": "TARGET_DB",
     "--replace-live": "REPLACE_LIVE=1",
     "--allow-postgres-db": "ALLOW_POSTGRES_DB=1",
 }

@@ -105,7 +105,14 @@ class SidecarSettings:
     pool_size: int = 2
     application_name: str = "dbops-sidecar"
     # MONITOR_DATABASE_URL: the exporter's own login (a pg_monitor role); None = the db settings
-    monitor_url: URL | None = field(default=None, repr=False)
+    monitor_url: URL | None = field(default=None, repr=False, metadata={"secret": True})
+    # OPS_ALERTS_TOKEN: the bearer token Alertmanager sends to POST /alerts; None = webhook off
+    alerts_token: str | None = field(default=None, metadata={"secret": True})
+    http_threads: int = 8
+    http_connections: int = 2000
+    http_idle_timeout: float = 15.0
+    http_backlog: int = 1024
+    http_deadline: float = 5.0
     # OPS_COLLECTORS_DISABLED: collectors left out (e.g. what CloudNativePG already exports)
     disabled_collectors: tuple[str, ...] = ()
 
@@ -194,8 +201,47 @@ def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
         pool_size=reader.integer("OPS_POOL_SIZE", 2, minimum=1, maximum=20),
         application_name=_read_application_name(reader),
         monitor_url=_read_monitor_url(reader),
+        alerts_token=_read_alerts_token(reader),
+        http_threads=reader.integer("OPS_HTTP_THREADS", 8, minimum=1, maximum=64),
+        http_connections=reader.integer("OPS_HTTP_CONNECTIONS", 2000, minimum=16, maximum=65536),
+        http_idle_timeout=_bounded_duration(reader, "OPS_HTTP_IDLE_TIMEOUT", 15.0, 1.0, 3600.0),
+        http_backlog=reader.integer("OPS_HTTP_BACKLOG", 1024, minimum=1, maximum=65535),
+        http_deadline=_bounded_duration(reader, "OPS_HTTP_DEADLINE", 5.0, 1.0, 300.0),
         disabled_collectors=_read_disabled_collectors(reader),
     )
+
+
+def _bounded_duration(
+    reader: EnvReader, name: str, default: float, minimum: float, maximum: float
+) -> float:
+    seconds = reader.duration(name, default, minimum=minimum)
+    if seconds > maximum:
+        reader.problem(name, reader.raw(name), f"must be at most {maximum:g}s")
+        return default
+    return seconds
+
+
+_TOKEN = re.compile(r"^[\x21-\x7e]{16,4096}$")
+
+
+def _read_alerts_token(reader: EnvReader) -> str | None:
+    """``OPS_ALERTS_TOKEN`` (or ``_FILE``): never defaulted; without it the webhook is off."""
+    token = reader.secret("OPS_ALERTS_TOKEN")
+    if token is None:
+        return None
+    token = token.strip()
+    if not _TOKEN.match(token):
+        reason = (
+            "the token must be 16 to 4096 visible ASCII characters (no spaces), "
+            "e.g. from `openssl rand -hex 32`"
+        )
+        path = reader.raw("OPS_ALERTS_TOKEN_FILE")
+        if path is not None:
+            reader.problem("OPS_ALERTS_TOKEN_FILE", path, reason)
+        else:
+            reader.problem("OPS_ALERTS_TOKEN", None, reason, secret=True)
+        return None
+    return token
 
 
 def _read_disabled_collectors(reader: EnvReader) -> tuple[str, ...]:

@@ -364,13 +364,23 @@ def _pidfd(pid: int) -> int | None:
 
 
 def _cancel_query(connection: Connection) -> None:
-    """Interrupt the row count running on ``connection`` from another thread."""
+    """Interrupt the row count running on ``connection`` from another thread.
+
+    Through ``pg_cancel_backend`` on a connection of its own (connect and statement timeouts
+    bounded), not psycopg2's ``cancel()``: that waits for the server while holding Python's
+    global interpreter lock, so against a frozen server it stopped every thread of the
+    sidecar, its HTTP endpoints and signal handling included.
+    """
     try:
         dbapi = connection.connection.dbapi_connection
-        if dbapi is not None:
-            dbapi.cancel()
+        if dbapi is None:
+            return
+        backend = dbapi.get_backend_pid()  # known locally: no round trip
+        with connection.engine.connect() as canceller:
+            canceller.execute(text("SET statement_timeout = '5s'"))
+            canceller.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": backend})
     except Exception as exc:  # the connection may be gone already; nothing left to cancel
-        log.debug("could not cancel the row count: %s", exc)
+        log.debug("could not cancel the row count: %s", error_line(exc))
 
 
 def _finish(manifest: Manifest, clock: float) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import re
 import subprocess
@@ -51,6 +52,7 @@ from ops.backup.pgtools import (
     quote_ident,
 )
 from ops.backup.runner import count_rows
+from ops.backup.target import MAX_NAME_BYTES, SCRATCH_PREFIX, conninfo
 from ops.backup.toc import read_toc, restorable, restore_rights
 from ops.hints import spell
 from ops.settings import Settings
@@ -58,7 +60,6 @@ from ops.settings import Settings
 log = logging.getLogger(__name__)
 
 CHECKSUM, DRILL = "checksum", "drill"
-SCRATCH_PREFIX = "dbops_verify_"
 DRILL_LOCK = ".dbops-drill.lock"
 
 
@@ -71,7 +72,13 @@ class DrillCancelled(Exception):
 
 
 def scratch_database(backup_id: str) -> str:
-    return SCRATCH_PREFIX + re.sub(r"[^a-z0-9]", "_", backup_id.lower())
+    """``dbops_verify_<id>``; a long id is cut and given a digest, since PostgreSQL would
+    truncate the name and the drill would then drop a database under another name."""
+    name = SCRATCH_PREFIX + re.sub(r"[^a-z0-9]", "_", backup_id.lower())
+    if len(name) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(backup_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{name[: MAX_NAME_BYTES - 13]}_{digest}"
 
 
 def checksum_problems(store: BackupDirectory, manifest: Manifest) -> list[str]:
@@ -225,7 +232,7 @@ def _restore_and_compare(
                 listed.flush()
                 command = [
                     tool.path,
-                    f"--dbname={scratch}",
+                    f"--dbname={conninfo(scratch)}",
                     "--no-owner",
                     "--no-privileges",
                     f"--jobs={max(1, settings.backup.jobs)}",

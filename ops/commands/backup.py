@@ -13,7 +13,7 @@ from db.errors import error_line
 from ops.settings import Settings, load_settings
 from ops.units import human_size
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def register(commands: Any) -> None:
@@ -39,9 +39,26 @@ def register(commands: Any) -> None:
 
     restore = actions.add_parser("restore", help="restore a backup into a new database")
     restore.add_argument("id", help="backup id")
-    restore.add_argument("--target-db", required=True, help="database to create and restore into")
     restore.add_argument(
-        "--force", action="store_true", help="drop and recreate the target if it is not empty"
+        "--target-db",
+        required=True,
+        metavar="NAME",
+        help="database name (not a connection string) to create and restore into",
+    )
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty target; the current one is renamed and kept, not dropped",
+    )
+    restore.add_argument(
+        "--replace-live",
+        action="store_true",
+        help="with --force: the target is the live database the stack runs on, replace it",
+    )
+    restore.add_argument(
+        "--allow-postgres-db",
+        action="store_true",
+        help="allow the maintenance database postgres as the target",
     )
     restore.add_argument("-j", "--jobs", type=int, default=None, help="parallel restore jobs")
     restore.set_defaults(handler=run_restore)
@@ -197,6 +214,7 @@ def run_restore(args: argparse.Namespace) -> int:
 
     from ops.backup.pgtools import ToolError
     from ops.backup.restore import RestoreError, restore_backup
+    from ops.backup.target import TargetError
 
     settings: Settings = load_settings()
     tty = sys.stderr.isatty()
@@ -212,10 +230,21 @@ def run_restore(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else settings.backup.jobs
     if jobs < 1:
         return _fail("-j must be at least 1")
+    _interrupt_on_sigterm()  # so a stopped restore still drops its staging database
     try:
         result = restore_backup(
-            settings, args.id, args.target_db, force=args.force, jobs=jobs, progress=progress
+            settings,
+            args.id,
+            args.target_db,
+            force=args.force,
+            replace_live=args.replace_live,
+            allow_postgres=args.allow_postgres_db,
+            jobs=jobs,
+            progress=progress,
         )
+    except TargetError as error:
+        print(f"restore refused: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (RestoreError, ToolError, SQLAlchemyError) as error:
         reason = error_line(error)
         return _fail(f"{chr(10) if tty else ''}restore failed: {reason}")
@@ -223,10 +252,29 @@ def run_restore(args: argparse.Namespace) -> int:
         if tty:
             print(file=sys.stderr)
     print(
-        f"restored {result.backup_id} into {result.target} in {result.duration_seconds:.1f}s "
-        f"({result.items} archive items{', target replaced' if result.replaced else ''})"
+        f"restored {result.backup_id} into {result.target} in "
+        f"{result.duration_seconds:.1f}s ({result.items} archive items"
+        f"{', target replaced' if result.replaced else ''})"
     )
+    if result.kept is not None:
+        for line in _going_back(result.target, result.kept):
+            print(line)
     return EXIT_OK
+
+
+def _going_back(target: str, kept: str) -> list[str]:
+    from ops.backup.pgtools import quote_ident
+    from ops.backup.target import KEPT_INFIX
+
+    current, old = quote_ident(target), quote_ident(kept)
+    head, _, stamp = kept.rpartition(KEPT_INFIX)
+    back = quote_ident(f"{head}_restored_{stamp}")  # as long as the kept name: it fits
+    return [
+        f"the database replaced is kept as {old}; nothing was dropped",
+        "to go back (with the services stopped): "
+        f"ALTER DATABASE {current} RENAME TO {back}; ALTER DATABASE {old} RENAME TO {current};",
+        f"once it is no longer needed: DROP DATABASE {old};",
+    ]
 
 
 def run_prune(args: argparse.Namespace) -> int:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+import threading
 from typing import Any
 
 from ops.logs import setup_logging
@@ -23,4 +27,15 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(settings.sidecar.log_format, settings.sidecar.log_level)
     from ops.daemon import Daemon
 
-    return Daemon(settings).run()
+    code = Daemon(settings).run()
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if stuck:
+        # A thread blocked on a frozen database cannot be interrupted, and Python's exit would
+        # join the scheduler's worker threads, however long they wait. Everything was stopped
+        # and logged above, so leave now: SIGTERM must end the process within its grace period.
+        logging.getLogger("ops.daemon").debug("exiting past threads: %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

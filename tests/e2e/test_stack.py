@@ -180,6 +180,40 @@ def test_make_restore_speaks_make_not_ops_options(stack: Stack) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_replacing_the_live_database_takes_replace_live_and_keeps_the_old_one(
+    stack: Stack,
+) -> None:
+    listed = stack.exec_ops("backup", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    backups = json.loads(listed.stdout)
+    entries = backups["backups"] if isinstance(backups, dict) else backups
+    newest = max(entry["id"] for entry in entries)
+    stack.psql("CREATE TABLE e2e_after_backup (x int)")  # what the backup does not hold
+    before = table_digest(stack, "dbops")
+
+    refused = stack.make("restore", ID=newest, TARGET_DB="dbops", FORCE="1")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--force --replace-live" in refused.stderr
+    assert stack.psql("SELECT to_regclass('e2e_after_backup') IS NOT NULL") == "t"
+
+    done = stack.make("restore", ID=newest, TARGET_DB="dbops", FORCE="1", REPLACE_LIVE="1")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    kept = stack.psql(
+        "SELECT string_agg(datname, ',') FROM pg_database WHERE datname LIKE 'dbops\\_replaced\\_%'"
+    )
+    assert kept and "," not in kept and f'kept as "{kept}"' in done.stdout
+    assert stack.psql("SELECT to_regclass('e2e_after_backup') IS NULL") == "t"
+    assert stack.psql("SELECT count(*) FROM e2e_after_backup", kept) == "0"
+    assert table_digest(stack, kept) == before
+    assert table_digest(stack, "dbops")["agents"].startswith("10:")
+    # the restore ran as the owner, so the roles' privileges came back with the data
+    assert stack.psql("SELECT has_table_privilege('dbops_app', 'tasks', 'INSERT')") == "t"
+    wait_until(lambda: stack.get("OPS_PORT", "/readyz")[0] == 200, 60, "sidecar ready again")
+    assert "dbops_pg_up 1.0" in stack.get("OPS_PORT", "/metrics")[1]
+
+
+@pytest.mark.timeout(600)
 def test_demo_workload_runs_as_the_application_role(stack: Stack) -> None:
     stack.demo_started = time.monotonic()
     result = stack.make("demo", WORKLOAD_MODE="saturate")

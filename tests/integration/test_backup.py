@@ -98,8 +98,18 @@ def test_restore_refuses_a_non_empty_target_unless_forced(
         )
         assert forced.returncode == 0, forced.stderr
         assert data_only_dump(pg.url(target)) == data_only_dump(source)
+        assert f'the database replaced is kept as "{target}_replaced_' in forced.stdout
     finally:
         pg.drop_database(target)
+        engine = create_engine(pg.admin_url)
+        with engine.connect() as connection:
+            kept = connection.execute(
+                text("SELECT datname FROM pg_database WHERE datname LIKE :kept"),
+                {"kept": f"{target}_replaced_%"},
+            ).scalars()
+            for name in list(kept):
+                pg.drop_database(name)
+        engine.dispose()
 
 
 def test_tampered_backup_fails_verify_and_restore(pg: Server, source: URL, tmp_path: Path) -> None:

@@ -219,3 +219,49 @@ def test_every_session_of_a_running_backup_is_left_out_of_the_longest_transactio
     # the run's snapshot session and pg_dump, both inside a transaction while the dump waits
     assert len(backup_sessions) >= 2
     assert set(backup_sessions) <= set(OWN_APPLICATION_NAMES), backup_sessions
+
+
+def test_row_count_is_cancelled_from_another_connection_not_by_blocking_the_interpreter(
+    source: URL,
+) -> None:
+    import threading
+    import time
+
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
+
+    from ops.backup.runner import _cancel_query
+
+    engine = create_engine(source, poolclass=NullPool)
+    outcome: list[BaseException | None] = []
+    with engine.connect() as counting:
+        backend = counting.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+
+        def long_count() -> None:
+            try:
+                counting.execute(text("SELECT pg_sleep(60)"))
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=long_count, daemon=True)
+        worker.start()
+        with engine.connect() as watcher:
+            assert wait_for(
+                lambda: (
+                    watcher.execute(
+                        text("SELECT state FROM pg_stat_activity WHERE pid = :pid"),
+                        {"pid": backend},
+                    ).scalar()
+                    == "active"
+                ),
+                10,
+            )
+        started = time.monotonic()
+        _cancel_query(counting)
+        worker.join(15)
+        assert not worker.is_alive(), "the count was not cancelled"
+        assert time.monotonic() - started < 15
+    engine.dispose()
+    assert isinstance(outcome[0], OperationalError)
+    assert "canceling statement due to user request" in str(outcome[0])

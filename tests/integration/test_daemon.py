@@ -25,6 +25,7 @@ from tests.conftest import env_for
 from tests.pgcluster import Cluster, free_port, wait_for
 
 OPS = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "ops")
+ALERTS_TOKEN = "integration-test-webhook-token"
 
 
 @dataclass
@@ -42,9 +43,11 @@ class Sidecar:
         except OSError:
             return None, ""
 
-    def post(self, path: str, body: bytes) -> tuple[int, str]:
+    def post(self, path: str, body: bytes, token: str = ALERTS_TOKEN) -> tuple[int, str]:
         request = urllib.request.Request(
-            self.base + path, data=body, headers={"Content-Type": "application/json"}
+            self.base + path,
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -74,6 +77,7 @@ def sidecar(url: URL, **extra: str) -> Iterator[Sidecar]:
             OPS_LISTEN=f"127.0.0.1:{port}",
             OPS_QUERY_TIMEOUT="1s",
             BACKUP_DIR=str(Path(tmp) / "backups"),
+            OPS_ALERTS_TOKEN=ALERTS_TOKEN,
             **extra,
         )
         log = Path(tmp) / "stderr.log"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -178,8 +179,11 @@ def prometheus_config(ports: dict[str, int], rules: Path) -> dict[str, Any]:
     return config
 
 
-def alertmanager_config(sidecar_port: int) -> dict[str, Any]:
-    """This repository's alertmanager.yml, posting to the local sidecar without long waits."""
+def alertmanager_config(sidecar_port: int, token_file: Path) -> dict[str, Any]:
+    """This repository's alertmanager.yml, posting to the local sidecar without long waits.
+
+    Only the URL and the token file's path change: the webhook's ``http_config`` is the real one.
+    """
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
     routes = [config["route"], *config["route"].get("routes", [])]
     for route in routes:
@@ -189,6 +193,7 @@ def alertmanager_config(sidecar_port: int) -> dict[str, Any]:
     for receiver in config["receivers"]:
         for hook in receiver["webhook_configs"]:
             hook["url"] = f"http://127.0.0.1:{sidecar_port}/alerts"
+            hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
     return config
 
 
@@ -226,8 +231,12 @@ class LiveStack:
         self.metrics_server = start_metrics_server("127.0.0.1", self.ports["dbops-app"], registry)
         self.load.start()
 
+        token_file = self.dir / "ops_alerts_token"
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        token_file.chmod(0o600)
         sidecar_env = {
             **self.backup_env,
+            "OPS_ALERTS_TOKEN_FILE": str(token_file),
             "OPS_LISTEN": f"127.0.0.1:{self.ports['dbops-sidecar']}",
             "OPS_COLLECTOR_TTL": "1s",
             "OPS_QUERY_TIMEOUT": "2s",
@@ -239,7 +248,9 @@ class LiveStack:
         rules = self.dir / "rules"
         shutil.copytree(RULES_DIR, rules)
         am_config = self.dir / "alertmanager.yml"
-        am_config.write_text(yaml.safe_dump(alertmanager_config(self.ports["dbops-sidecar"])))
+        am_config.write_text(
+            yaml.safe_dump(alertmanager_config(self.ports["dbops-sidecar"], token_file))
+        )
         alertmanager = self.spawn(
             "alertmanager",
             [

@@ -81,3 +81,37 @@ def test_commented_email_and_slack_examples_are_valid_when_enabled(tmp_path: Pat
     assert result.returncode == 0, result.stdout + result.stderr
     loaded = load_yaml(config)
     assert all("email_configs" in r and "slack_configs" in r for r in loaded["receivers"])
+
+
+TOKEN_FILE = "/run/dbops/ops_alerts_token"
+
+
+def test_every_webhook_sends_the_sidecar_token_from_the_file_compose_writes() -> None:
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    for receiver in config["receivers"]:
+        for hook in receiver["webhook_configs"]:
+            authorization = hook["http_config"]["authorization"]
+            assert authorization == {"credentials_file": TOKEN_FILE}, receiver["name"]
+    compose = load_yaml(ALERTMANAGER_CONFIG.parents[2] / "docker-compose.yml")
+    alertmanager = compose["services"]["alertmanager"]
+    script = alertmanager["entrypoint"][2]
+    assert f"> {TOKEN_FILE} " in script and "unset OPS_ALERTS_TOKEN" in script
+    assert any(mount.startswith("/run/dbops:") for mount in alertmanager["tmpfs"])
+    assert "OPS_ALERTS_TOKEN" in compose["services"]["ops"]["environment"]
+    # the token is never written into a config or defaulted
+    assert ":?" in alertmanager["environment"]["OPS_ALERTS_TOKEN"]
+    assert ":?" in compose["services"]["ops"]["environment"]["OPS_ALERTS_TOKEN"]
+
+
+def test_the_older_bearer_token_file_form_also_loads(tmp_path: Path) -> None:
+    """Operators on older configs may use ``bearer_token_file``; amtool accepts both forms."""
+    text = ALERTMANAGER_CONFIG.read_text()
+    older = text.replace(
+        f"authorization:\n            credentials_file: {TOKEN_FILE}",
+        f"bearer_token_file: {TOKEN_FILE}",
+    )
+    assert older != text and "authorization:" not in older
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(older)
+    result = run([tool("amtool"), "check-config", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr

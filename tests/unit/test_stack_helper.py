@@ -175,3 +175,61 @@ def test_headline_queries_name_recording_rules_that_exist() -> None:
     for _, expr in stack.HEADLINE_QUERIES:
         if ":" in expr:
             assert f"record: {expr}\n" in rules, expr
+
+
+def test_an_older_env_file_gets_the_webhook_token_appended_and_keeps_its_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stack.env"
+    before = "".join(f"{name}=operator-chosen-{name.lower()}\n" for name in stack.SECRETS[:-1])
+    path.write_text(before)
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path)})
+    the_stack.ensure_env_file()
+    text = path.read_text()
+    assert text.startswith(before)
+    token = stack.read_env_file(path)["OPS_ALERTS_TOKEN"]
+    assert len(token) >= 24 and stack.URL_SAFE.match(token)
+    the_stack.ensure_env_file()
+    assert path.read_text() == text  # once only
+
+
+def test_an_empty_or_weak_webhook_token_is_refused_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    others = "".join(f"{name}=operator-chosen-{name.lower()}\n" for name in stack.SECRETS[:-1])
+    for value in ("", "short", "has spaces in the token"):
+        path.write_text(others + f"OPS_ALERTS_TOKEN={value}\n")
+        with pytest.raises(stack.StackError) as caught:
+            stack.Stack({"STACK_ENV_FILE": str(path)}).ensure_env_file()
+        assert "OPS_ALERTS_TOKEN" in str(caught.value)
+        assert stack.read_env_file(path)["OPS_ALERTS_TOKEN"] == value.strip()
+
+
+def restore_args(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Compose arguments of ``make restore`` as run without a terminal (``-T``)."""
+    args = stack.build_parser().parse_args(["restore", *argv])
+    on_terminal = stack.exec_args
+    stack.exec_args = lambda: ["-T"]
+    try:
+        result: list[str] = stack.restore_compose_args(stack.Stack(env or {}), args)
+    finally:
+        stack.exec_args = on_terminal
+    return result
+
+
+def test_restore_passes_name_and_id_to_ops_as_values_never_as_options() -> None:
+    args = restore_args(["--target-db=--force", "--", "-x"])
+    assert args[-4:] == ["restore", "--target-db=--force", "--", "-x"]
+    assert "--force" not in args[:-4] and args[:2] == ["exec", "-T"]
+
+
+def test_restore_without_a_target_defaults_to_a_new_database_named_after_the_backup() -> None:
+    args = restore_args(["20261128T190903Z-4c8050"], {"POSTGRES_DB": "prod"})
+    assert "--target-db=prod_restore_20261128t190903z_4c8050" in args
+    assert args[2:6] == ["-e", "OPS_HINTS=make", "ops", "ops"]  # in the sidecar, as the backup role
+
+
+def test_replacing_the_live_database_runs_as_its_owner_in_a_one_off_init_container() -> None:
+    args = restore_args(["ID", "--target-db", "dbops", "--force", "--replace-live"])
+    assert args[:4] == ["run", "--rm", "--no-deps", "-T"]
+    assert args[6:9] == ["db-init", "backup", "restore"]
+    assert {"--force", "--replace-live"} <= set(args) and args[-2:] == ["--", "ID"]
