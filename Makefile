@@ -10,6 +10,7 @@ LOCK := requirements.lock
 NEWEST := .venv-newest
 
 .PHONY: venv lock test test-newest test-unit test-integration test-monitoring lint fmt bench e2e
+.PHONY: test-kubernetes checkov k8s-generate
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +24,18 @@ lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 		--resolution lowest-direct --quiet -o $(LOCK)
 
-test: $(STAMP)
-	$(BIN)/pytest tests/unit tests/integration tests/monitoring
+# checkov (tests/kubernetes) in a virtualenv of its own: it pins boto3 and packaging exactly.
+CHECKOV_STAMP := .venv-checkov/.installed
+
+$(CHECKOV_STAMP): tests/kubernetes/checkov-requirements.txt
+	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q -r tests/kubernetes/checkov-requirements.txt
+	touch $(CHECKOV_STAMP)
+
+checkov: $(CHECKOV_STAMP)
+
+test: $(STAMP) $(CHECKOV_STAMP)
+	$(BIN)/pytest tests/unit tests/integration tests/monitoring tests/kubernetes
 
 # The same suite on the newest releases pyproject.toml's ranges admit (a virtualenv of its own,
 # upgraded on every run).
@@ -46,14 +57,23 @@ test-integration: $(STAMP)
 test-monitoring: $(STAMP)
 	$(BIN)/pytest tests/monitoring
 
+# deploy/kubernetes, statically: kustomize v5 (kubectl), kubernetes-validate, CRD schemas,
+# promtool, checkov. No cluster needed.
+test-kubernetes: $(STAMP) $(CHECKOV_STAMP)
+	$(BIN)/pytest tests/kubernetes
+
+# Rewrite deploy/kubernetes' generated files after a change under monitoring/.
+k8s-generate: $(STAMP)
+	$(BIN)/python deploy/kubernetes/generate.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check db ops tests
-	$(BIN)/ruff format --check db ops tests
+	$(BIN)/ruff check db ops tests deploy
+	$(BIN)/ruff format --check db ops tests deploy
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format db ops tests
-	$(BIN)/ruff check --fix db ops tests
+	$(BIN)/ruff format db ops tests deploy
+	$(BIN)/ruff check --fix db ops tests deploy
 
 # Benchmarks print ratios against a baseline measured in the same run; they assert no time.
 bench: $(STAMP)

@@ -25,6 +25,7 @@ from db.settings import (
     read_db_settings,
     read_postgres_url,
 )
+from ops.collectors.base import COLLECTOR_NAMES
 
 BACKUP_FORMATS = ("custom", "directory")
 LOG_FORMATS = ("text", "json")
@@ -112,6 +113,8 @@ class SidecarSettings:
     http_idle_timeout: float = 15.0
     http_backlog: int = 1024
     http_deadline: float = 5.0
+    # OPS_COLLECTORS_DISABLED: collectors left out (e.g. what CloudNativePG already exports)
+    disabled_collectors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
         http_idle_timeout=_bounded_duration(reader, "OPS_HTTP_IDLE_TIMEOUT", 15.0, 1.0, 3600.0),
         http_backlog=reader.integer("OPS_HTTP_BACKLOG", 1024, minimum=1, maximum=65535),
         http_deadline=_bounded_duration(reader, "OPS_HTTP_DEADLINE", 5.0, 1.0, 300.0),
+        disabled_collectors=_read_disabled_collectors(reader),
     )
 
 
@@ -238,6 +242,25 @@ def _read_alerts_token(reader: EnvReader) -> str | None:
             reader.problem("OPS_ALERTS_TOKEN", None, reason, secret=True)
         return None
     return token
+
+
+def _read_disabled_collectors(reader: EnvReader) -> tuple[str, ...]:
+    """``OPS_COLLECTORS_DISABLED``: comma-separated collector names; a misspelt one is an error,
+    not a silently duplicated metric."""
+    text = reader.raw("OPS_COLLECTORS_DISABLED")
+    if text is None:
+        return ()
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in COLLECTOR_NAMES]
+    if unknown:
+        reader.problem(
+            "OPS_COLLECTORS_DISABLED",
+            text,
+            f"unknown collector {', '.join(map(repr, unknown))};"
+            f" known: {', '.join(COLLECTOR_NAMES)}",
+        )
+        return ()
+    return tuple(name for name in COLLECTOR_NAMES if name in names)
 
 
 def _read_application_name(reader: EnvReader) -> str:

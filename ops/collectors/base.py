@@ -18,6 +18,11 @@ from sqlalchemy.engine import Connection, Row
 OTHER = "(other)"  # label value of the one series that sums everything past the top N
 
 
+# Every collector of the exporter, by the name its errors and durations are labelled with.
+# OPS_COLLECTORS_DISABLED names some of them (where CloudNativePG already exports the same).
+COLLECTOR_NAMES = ("activity", "databases", "replication", "sizes", "indexes", "statements")
+
+
 @dataclass(frozen=True)
 class Options:
     """What collectors may vary by: how many series to keep before folding into a remainder."""

@@ -54,8 +54,9 @@ PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 REFRESH_JOB = "exporter-refresh"
 
 
-def default_collectors() -> list[Collector]:
-    return [
+def default_collectors(disabled: Sequence[str] = ()) -> list[Collector]:
+    """Every collector but the ``disabled`` ones (names from ``COLLECTOR_NAMES``)."""
+    collectors: list[Collector] = [
         ActivityCollector(),
         DatabaseStatsCollector(),
         ReplicationCollector(),
@@ -63,6 +64,7 @@ def default_collectors() -> list[Collector]:
         IndexUsageCollector(),
         StatementsCollector(),
     ]
+    return [collector for collector in collectors if collector.name not in disabled]
 
 
 def exporter_engine(settings: Settings) -> Engine:
@@ -348,11 +350,13 @@ class ExporterService:
         sidecar = settings.sidecar
         self.ttl = sidecar.collector_ttl
         self.lock_timeout = sidecar.lock_timeout
+        self.disabled = sidecar.disabled_collectors
         self.engine = exporter_engine(settings)
         instrument(self.engine, registry)
         self.exporter = ServerExporter(
             self.engine,
             options=Options(top_n=sidecar.top_n),
+            collectors=default_collectors(sidecar.disabled_collectors),
             timeout=sidecar.query_timeout,
             refresh_timeout=min(max(self.ttl / 2, sidecar.query_timeout), 60.0),
         )
@@ -360,6 +364,8 @@ class ExporterService:
         self._started = time.monotonic()
 
     def start(self, scheduler: BaseScheduler) -> None:
+        if self.disabled:
+            log.info("exporter collectors disabled: %s", ", ".join(self.disabled))
         log.info(
             "exporter connects to %s (pool of %d, statement timeout %gs, lock timeout %gs)",
             redact_url(self.engine.url),
