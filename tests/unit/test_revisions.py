@@ -35,3 +35,20 @@ def test_two_heads_or_no_revisions_are_errors(tmp_path: Path) -> None:
     write(tmp_path, "c", "0003", "0001")
     with pytest.raises(RevisionGraphError, match=r"one head revision, found \['0002', '0003'\]"):
         head_revision(tmp_path)
+
+
+def test_the_sidecar_imports_neither_alembic_nor_the_orm() -> None:
+    """Each costs megabytes of resident memory in a process that runs for months."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, ops.commands.serve, ops.daemon, ops.collectors.exporter, "
+        "ops.backup.service, ops.http, db.metrics, db.revisions; "
+        "print(sorted({m.split('.')[0] + ('.orm' if m.startswith('sqlalchemy.orm') else '') "
+        "for m in sys.modules if m.startswith(('alembic', 'sqlalchemy.orm', 'mako'))}))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == "[]"
