@@ -193,7 +193,7 @@ def test_replacing_the_live_database_takes_replace_live_and_keeps_the_old_one(
 
     refused = stack.make("restore", ID=newest, TARGET_DB="dbops", FORCE="1")
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "--force --replace-live" in refused.stderr
+    assert "FORCE=1 REPLACE_LIVE=1" in refused.stderr  # make's words, not ops's options
     assert stack.psql("SELECT to_regclass('e2e_after_backup') IS NOT NULL") == "t"
 
     done = stack.make("restore", ID=newest, TARGET_DB="dbops", FORCE="1", REPLACE_LIVE="1")
