@@ -33,6 +33,20 @@ def source(migrated_db: URL) -> URL:
     return migrated_db
 
 
+def test_row_counts_take_table_names_with_percent_signs_as_names(
+    source: URL, tmp_path: Path
+) -> None:
+    engine = create_engine(source)
+    with engine.begin() as connection:
+        connection.execute(text('CREATE TABLE "100%s %% done" (k int)'))
+        connection.execute(text('INSERT INTO "100%s %% done" VALUES (1), (2), (3)'))
+    engine.dispose()
+
+    manifest = run_backup(settings_for(source, tmp_path))
+
+    assert manifest.tables["public.100%s %% done"] == 3
+
+
 def test_backup_run_writes_dump_and_manifest_with_snapshot_row_counts(
     source: URL, tmp_path: Path
 ) -> None:
