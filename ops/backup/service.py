@@ -28,6 +28,7 @@ from ops.backup.prune import prune
 from ops.backup.retention import is_future
 from ops.backup.runner import BackupCancelled, BackupError, run_backup
 from ops.backup.verify import DrillCancelled, VerifyError, drill, resolve
+from ops.memory import release_freed_memory
 from ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class BackupService:
         finally:
             with self._running_lock:
                 self._running -= 1
+            release_freed_memory()
         self._after_run(failed)
 
     def _after_run(self, failed: bool) -> None:
@@ -215,6 +217,7 @@ class BackupService:
         finally:
             with self._running_lock:
                 self._drilling -= 1
+            release_freed_memory()
 
     # -- state for metrics --------------------------------------------------------------------
     def in_progress(self) -> int:
