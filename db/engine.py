@@ -56,6 +56,10 @@ class ForkSafeQueuePool(QueuePool):
     only then does the ``checkout`` event run.
     """
 
+    # SQLAlchemy names a pool's logger after its class's module; under ``sqlalchemy.`` it keeps
+    # SQLAlchemy's WARNING default instead of logging every dispose at the process's INFO.
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.QueuePool"
+
     def _do_get(self) -> ConnectionPoolEntry:
         record = super()._do_get()
         _disown_if_inherited(record)

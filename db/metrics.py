@@ -238,7 +238,15 @@ def _instrumented_pool_class(base: type[QueuePool], metrics: EngineMetrics) -> t
         observe(perf_counter() - started)
         return connection
 
-    namespace = {"_queue_class": _WaitCountingQueue, "_dbops_metrics": metrics, "connect": connect}
+    namespace = {
+        "_queue_class": _WaitCountingQueue,
+        "_dbops_metrics": metrics,
+        "connect": connect,
+        # log as the pool it instruments (under sqlalchemy.*, WARNING by default), not as a
+        # class of this module, which would log every dispose at the process's level
+        "_sqla_logger_namespace": getattr(base, "_sqla_logger_namespace", None)
+        or f"{base.__module__}.{base.__name__}",
+    }
     return type(f"Instrumented{base.__name__}", (base,), namespace)
 
 

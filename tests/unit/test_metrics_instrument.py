@@ -157,3 +157,19 @@ def test_instrument_checks_every_internal_before_changing_the_engine() -> None:
 
     assert type(engine.pool) is pool_class  # untouched: it still works, unmeasured
     assert "do_execute" not in vars(engine.dialect)
+
+
+def test_pools_log_under_sqlalchemy_not_at_the_process_level() -> None:
+    """A dispose logs at INFO; under ``sqlalchemy.`` that stays quiet by default."""
+    from db.engine import create_engine as db_create_engine
+    from db.settings import load_db_settings
+
+    engine = db_create_engine(load_db_settings({"DATABASE_URL": URL}))
+    instrument(engine, CollectorRegistry())
+    assert engine.pool.logger.name.startswith("sqlalchemy.pool."), engine.pool.logger.name
+    plain = create_engine(URL)
+    instrument(plain, CollectorRegistry())
+    for instrumented in (engine, plain):
+        instrumented.dispose()  # the new pool is of the instrumented class
+        name = instrumented.pool.logger.name
+        assert name.startswith("sqlalchemy.pool.") and "Instrumented" not in name, name
