@@ -32,20 +32,6 @@ def settings_for(url: URL, directory: Path, **extra: str) -> Settings:
     )
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
-    """Everything under ``root``: mode and content (or link target), to compare byte for byte."""
-    found: dict[str, tuple[int, bytes | str]] = {}
-    for path in sorted([root, *root.rglob("*")]):
-        info = path.lstat()
-        if path.is_symlink():
-            found[str(path)] = (info.st_mode, os.readlink(path))
-        elif path.is_dir():
-            found[str(path)] = (info.st_mode, b"")
-        else:
-            found[str(path)] = (info.st_mode, path.read_bytes())
-    return found
-
-
 def populate(url: URL, rows: int = 2000) -> None:
     """Awkward data: unicode, NULLs, bytea, jsonb, numerics, a sequence that moved on."""
     engine = create_engine(url)

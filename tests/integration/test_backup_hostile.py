@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,10 +35,10 @@ from tests.integration.backup_helpers import (
     pg_dump_processes,
     populate,
     settings_for,
-    snapshot,
 )
 from tests.integration.test_backup_serve import get, metric, serving
 from tests.pgcluster import wait_for
+from tests.sentinels import snapshot
 
 KEEP_ONE = {
     "BACKUP_KEEP_LAST": "1",
@@ -53,26 +52,6 @@ KEEP_ONE = {
 def source(migrated_db: URL) -> URL:
     populate(migrated_db)
     return migrated_db
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Iterator[Path]:
-    """Files and a directory beside the backup directory that nothing may touch."""
-    victim = tmp_path / "outside"
-    (victim / "tree").mkdir(parents=True)
-    (victim / "secret.dump").write_bytes(b"precious bytes\n")
-    (victim / "tree" / "toc.dat").write_bytes(b"more precious bytes\n")
-    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-    before = snapshot(victim)
-    yield victim
-    assert snapshot(victim) == before, "something outside BACKUP_DIR changed"
-
-
-@pytest.fixture
-def backups(tmp_path: Path) -> Path:
-    directory = tmp_path / "backups"
-    directory.mkdir()
-    return directory
 
 
 def one_line(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
