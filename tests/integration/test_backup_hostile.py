@@ -30,6 +30,7 @@ from ops.backup.service import BackupService
 from tests.conftest import Server, env_for
 from tests.integration.backup_helpers import (
     REPO,
+    cli_run_held_by_lock,
     data_only_dump,
     ops,
     pg_dump_processes,
@@ -336,28 +337,13 @@ def _lock_fds(pid: int) -> list[str]:
 def test_kill_9_of_a_run_kills_its_pg_dump_and_the_next_run_cleans_up(
     source: URL, backups: Path
 ) -> None:
-    engine = create_engine(source)
-    connection = engine.connect()
-    connection.execute(text("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE"))
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "backup", "run"],
-            env=env_for(source, BACKUP_DIR=str(backups)),
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert wait_for(lambda: pg_dump_processes(backups), 20), "pg_dump never started"
+    with cli_run_held_by_lock(source, backups, capture=False) as process:
         dump_pid = pg_dump_processes(backups)[0]
         # pg_dump holds the run lock too: even alive on its own it would keep the next run out
         assert _lock_fds(dump_pid) == [str(backups / RUN_LOCK)]
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         assert wait_for(lambda: not pg_dump_processes(backups), 10), "pg_dump outlived its run"
-    finally:
-        connection.rollback()
-        connection.close()
-        engine.dispose()
     leftovers = [p.name for p in backups.iterdir() if p.name.startswith(".dbops-tmp-")]
     assert leftovers, "a killed run leaves its temporary file"
     done = ops(source, backups, "backup", "run")
