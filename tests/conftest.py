@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from tests.pgcluster import Cluster
+from tests.sentinels import snapshot
 
 TEMPLATE_DB = "dbops_test_template"
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,27 @@ def migrated_db(pg: Server) -> Iterator[URL]:
         yield pg.url(name)
     finally:
         pg.drop_database(name)
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[Path]:
+    """Files and a directory beside the backup directory that nothing may touch."""
+    victim = tmp_path / "outside"
+    (victim / "tree").mkdir(parents=True)
+    (victim / "secret.dump").write_bytes(b"precious bytes\n")
+    (victim / "tree" / "toc.dat").write_bytes(b"more precious bytes\n")
+    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    before = snapshot(victim)
+    yield victim
+    assert snapshot(victim) == before, "something outside BACKUP_DIR changed"
+
+
+@pytest.fixture
+def backups(tmp_path: Path) -> Path:
+    """An empty backup directory of the test's own."""
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    return directory
 
 
 @pytest.fixture

@@ -88,17 +88,10 @@ class DirectoryLock:
         """Take the lock, waiting up to ``timeout`` seconds; :class:`LockHeld` otherwise."""
         timeout = self.wait if timeout is None else timeout
         fd = open_lock_file(self.path)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = _describe_holder(fd) if _ours_alone(fd) else "another process"
-                    os.close(fd)
-                    raise LockHeld(self.path, holder) from None
-                time.sleep(0.05)
+        if not _flock_within(fd, fcntl.LOCK_EX, timeout):
+            holder = _describe_holder(fd) if _ours_alone(fd) else "another process"
+            os.close(fd)
+            raise LockHeld(self.path, holder)
         self._fd = fd
         if not _ours_alone(fd):
             return
@@ -150,6 +143,20 @@ class DirectoryLock:
         self.release()
 
 
+def _flock_within(fd: int, operation: int, timeout: float) -> bool:
+    """Take ``operation`` (``LOCK_EX`` or ``LOCK_SH``) on ``fd``, trying again until ``timeout``
+    seconds have passed; whether it was taken."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def _describe_holder(fd: int) -> str:
     try:
         data = json.loads(os.pread(fd, 4096, 0) or b"{}")
@@ -183,16 +190,9 @@ def reading(store: BackupDirectory, backup_id: str, wait: float = READ_LOCK_WAIT
         yield False
         return
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    message = f"backup {backup_id} is being deleted by retention"
-                    raise LockHeld(path, "a prune", message) from None
-                time.sleep(0.05)
+        if not _flock_within(fd, fcntl.LOCK_SH, wait):
+            message = f"backup {backup_id} is being deleted by retention"
+            raise LockHeld(path, "a prune", message)
         yield True
     finally:
         os.close(fd)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -174,8 +175,10 @@ def dir_error(root: Path, exc: OSError) -> BackupDirError:
     return BackupDirError(root, code, reasons.get(code, exc.strerror or str(exc)))
 
 
-def read_plain_file(path: Path, limit: int = MANIFEST_MAX_BYTES) -> bytes:
-    """The content of a regular file, never through a symbolic link and at most ``limit``."""
+@contextlib.contextmanager
+def _open_regular_file(path: Path) -> Iterator[io.FileIO]:
+    """``path`` open for reading, never through a symbolic link, and only if it is a regular
+    file (:class:`UnsafeEntry` otherwise)."""
     try:
         fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except OSError as exc:
@@ -183,9 +186,14 @@ def read_plain_file(path: Path, limit: int = MANIFEST_MAX_BYTES) -> bytes:
             raise UnsafeEntry(path, "is a symbolic link; not followed") from None
         raise
     with open(fd, "rb", buffering=0) as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UnsafeEntry(path, "is not a regular file")
+        yield handle
+
+
+def read_plain_file(path: Path, limit: int = MANIFEST_MAX_BYTES) -> bytes:
+    """The content of a regular file, never through a symbolic link and at most ``limit``."""
+    with _open_regular_file(path) as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise UnsafeEntry(path, f"is larger than {limit} bytes")
@@ -466,15 +474,7 @@ def dump_files(path: Path, name: str | None = None) -> Iterator[tuple[str, Path]
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    try:
-        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeEntry(path, "is a symbolic link; not followed") from None
-        raise
-    with open(fd, "rb", buffering=0) as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafeEntry(path, "is not a regular file")
+    with _open_regular_file(path) as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,20 +31,6 @@ def settings_for(url: URL, directory: Path, **extra: str) -> Settings:
             **extra,
         }
     )
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
-    """Everything under ``root``: mode and content (or link target), to compare byte for byte."""
-    found: dict[str, tuple[int, bytes | str]] = {}
-    for path in sorted([root, *root.rglob("*")]):
-        info = path.lstat()
-        if path.is_symlink():
-            found[str(path)] = (info.st_mode, os.readlink(path))
-        elif path.is_dir():
-            found[str(path)] = (info.st_mode, b"")
-        else:
-            found[str(path)] = (info.st_mode, path.read_bytes())
-    return found
 
 
 def populate(url: URL, rows: int = 2000) -> None:
@@ -145,6 +132,35 @@ def run_held_by_lock(url: URL, directory: Path, settings: Settings) -> Iterator[
         connection.rollback()
         connection.close()
         held.thread.join(60)
+        engine.dispose()
+
+
+@contextmanager
+def cli_run_held_by_lock(
+    url: URL, directory: Path, capture: bool = True
+) -> Iterator[subprocess.Popen[str]]:
+    """``ops backup run`` as a separate process while another transaction holds ACCESS
+    EXCLUSIVE on ``payload``: yielded once its pg_dump has started (and waits). The lock is
+    released when the block ends; the process is the caller's to end. ``capture=False`` sends
+    its output to /dev/null instead of pipes."""
+    output = subprocess.PIPE if capture else subprocess.DEVNULL
+    engine = create_engine(url)
+    connection = engine.connect()
+    connection.execute(text("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE"))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "backup", "run"],
+            env=env_for(url, BACKUP_DIR=str(directory)),
+            cwd=REPO,
+            stdout=output,
+            stderr=output,
+            text=True,
+        )
+        assert wait_for(lambda: pg_dump_processes(directory), 20), "pg_dump never started"
+        yield process
+    finally:
+        connection.rollback()
+        connection.close()
         engine.dispose()
 
 

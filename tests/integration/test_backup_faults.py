@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from ops.backup.pgtools import OWN_APPLICATION_NAMES
 from ops.backup.prune import prune
 from ops.backup.runner import BackupError, run_backup
 from ops.backup.verify import check
-from tests.conftest import Server, env_for
+from tests.conftest import Server
 from tests.integration.backup_helpers import (
-    REPO,
+    cli_run_held_by_lock,
     ops,
     pg_dump_processes,
     populate,
@@ -163,26 +162,10 @@ def test_read_only_backup_directory_fails_runs_clearly_and_still_verifies(
 def test_interrupted_cli_run_leaves_nothing_that_looks_like_a_backup(
     source: URL, tmp_path: Path, signum: int
 ) -> None:
-    engine = create_engine(source)
-    connection = engine.connect()
-    connection.execute(text("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE"))
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "backup", "run"],
-            env=env_for(source, BACKUP_DIR=str(tmp_path)),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert wait_for(lambda: pg_dump_processes(tmp_path), 20)
+    with cli_run_held_by_lock(source, tmp_path) as process:
         assert wait_for(lambda: _leftovers(tmp_path), 10)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=30)
-    finally:
-        connection.rollback()
-        connection.close()
-        engine.dispose()
     assert process.returncode != 0
     assert pg_dump_processes(tmp_path) == []
     assert _leftovers(tmp_path) == []

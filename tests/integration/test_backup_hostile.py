@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,15 +30,16 @@ from ops.backup.service import BackupService
 from tests.conftest import Server, env_for
 from tests.integration.backup_helpers import (
     REPO,
+    cli_run_held_by_lock,
     data_only_dump,
     ops,
     pg_dump_processes,
     populate,
     settings_for,
-    snapshot,
 )
 from tests.integration.test_backup_serve import get, metric, serving
 from tests.pgcluster import wait_for
+from tests.sentinels import snapshot
 
 KEEP_ONE = {
     "BACKUP_KEEP_LAST": "1",
@@ -53,26 +53,6 @@ KEEP_ONE = {
 def source(migrated_db: URL) -> URL:
     populate(migrated_db)
     return migrated_db
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Iterator[Path]:
-    """Files and a directory beside the backup directory that nothing may touch."""
-    victim = tmp_path / "outside"
-    (victim / "tree").mkdir(parents=True)
-    (victim / "secret.dump").write_bytes(b"precious bytes\n")
-    (victim / "tree" / "toc.dat").write_bytes(b"more precious bytes\n")
-    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-    before = snapshot(victim)
-    yield victim
-    assert snapshot(victim) == before, "something outside BACKUP_DIR changed"
-
-
-@pytest.fixture
-def backups(tmp_path: Path) -> Path:
-    directory = tmp_path / "backups"
-    directory.mkdir()
-    return directory
 
 
 def one_line(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
@@ -357,28 +337,13 @@ def _lock_fds(pid: int) -> list[str]:
 def test_kill_9_of_a_run_kills_its_pg_dump_and_the_next_run_cleans_up(
     source: URL, backups: Path
 ) -> None:
-    engine = create_engine(source)
-    connection = engine.connect()
-    connection.execute(text("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE"))
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "backup", "run"],
-            env=env_for(source, BACKUP_DIR=str(backups)),
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert wait_for(lambda: pg_dump_processes(backups), 20), "pg_dump never started"
+    with cli_run_held_by_lock(source, backups, capture=False) as process:
         dump_pid = pg_dump_processes(backups)[0]
         # pg_dump holds the run lock too: even alive on its own it would keep the next run out
         assert _lock_fds(dump_pid) == [str(backups / RUN_LOCK)]
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         assert wait_for(lambda: not pg_dump_processes(backups), 10), "pg_dump outlived its run"
-    finally:
-        connection.rollback()
-        connection.close()
-        engine.dispose()
     leftovers = [p.name for p in backups.iterdir() if p.name.startswith(".dbops-tmp-")]
     assert leftovers, "a killed run leaves its temporary file"
     done = ops(source, backups, "backup", "run")

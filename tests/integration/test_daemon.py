@@ -196,9 +196,10 @@ def test_a_taken_port_fails_with_exit_1(migrated_db: URL) -> None:
         stop(first.process)
 
 
-@pytest.fixture
-def own_cluster() -> Iterator[Cluster]:
-    """A cluster of this test's own: it is stopped and started again, which others must not see."""
+@contextmanager
+def migrated_cluster() -> Iterator[Cluster]:
+    """A cluster of a test's own with its database at the head revision, stopped at the end:
+    for tests that do to the server what others must not see."""
     cluster = Cluster().start()
     try:
         engine = create_engine(cluster.url())
@@ -209,6 +210,13 @@ def own_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A cluster of this test's own: it is stopped and started again, which others must not see."""
+    with migrated_cluster() as cluster:
+        yield cluster
 
 
 def test_outage_reports_down_fast_and_recovers_by_itself(own_cluster: Cluster) -> None:

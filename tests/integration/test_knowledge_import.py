@@ -31,6 +31,7 @@ from db.seed.knowledge import (
 )
 from db.seed.upsert import UpsertCounts, upsert
 from tests.conftest import REPO, Server, env_for, run_ops
+from tests.knowledge_lines import numbered_entry
 
 MakeEngine = Callable[..., Engine]
 SNAPSHOT = "SELECT external_id, agent_id, tags, metadata, updated_at FROM knowledge_base ORDER BY 1"
@@ -52,17 +53,7 @@ def snapshot(engine: Engine) -> list[Any]:
 
 
 def entry(number: int, **changes: object) -> dict[str, object]:
-    return {
-        "id": f"h-{number}",
-        "agent": "ops-sre",
-        "category": "runbook",
-        "title": f"Entry {number}",
-        "content": f"What was learned, take {number}.",
-        "source": "test",
-        "tags": ["t"],
-        "metadata": {"n": number},
-        **changes,
-    }
+    return numbered_entry("h", number, **changes)
 
 
 def good_line(number: int, **changes: object) -> str:

@@ -16,6 +16,7 @@ from db.seed.agents import seed_agents
 from db.seed.knowledge import SHIPPED_EXPORT, KnowledgeImportError, import_knowledge
 from db.seed.run import seed
 from db.seed.settings import SeedSettings
+from tests.knowledge_lines import numbered_entry
 
 MakeEngine = Callable[..., Engine]
 SHIPPED_ENTRIES = sum(1 for line in SHIPPED_EXPORT.read_text().splitlines() if line.strip())
@@ -153,17 +154,7 @@ def write_export(path: Path, entries: list[dict[str, object]], extra: list[str] 
 
 
 def entry(number: int, **changes: object) -> dict[str, object]:
-    return {
-        "id": f"t-{number}",
-        "agent": "ops-sre",
-        "category": "runbook",
-        "title": f"Entry {number}",
-        "content": f"What was learned, take {number}.",
-        "source": "test",
-        "tags": ["t"],
-        "metadata": {"n": number},
-        **changes,
-    }
+    return numbered_entry("t", number, **changes)
 
 
 def test_malformed_export_writes_nothing_and_names_file_and_line(

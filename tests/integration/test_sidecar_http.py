@@ -20,11 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
 
-from db.migrate import upgrade
-from tests.integration.test_daemon import ALERTS_TOKEN, Sidecar, sidecar
+from tests.integration.test_daemon import ALERTS_TOKEN, Sidecar, migrated_cluster, sidecar
 from tests.integration.test_exporter_frozen import cluster_pids
 from tests.pgcluster import Cluster, wait_for
 
@@ -269,19 +267,13 @@ def test_two_hundred_posts_with_huge_labels_grow_neither_metrics_nor_memory(
 @pytest.fixture
 def frozen_cluster() -> Iterator[Cluster]:
     """A cluster of this test's own: it is frozen (SIGSTOP), which others must not see."""
-    cluster = Cluster().start()
-    try:
-        engine = create_engine(cluster.url())
+    with migrated_cluster() as cluster:
         try:
-            upgrade(engine)
+            yield cluster
         finally:
-            engine.dispose()
-        yield cluster
-    finally:
-        for pid in cluster_pids(cluster):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        cluster.stop()
+            for pid in cluster_pids(cluster):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 def test_endpoints_answer_by_their_deadline_and_sigterm_exits_fast_on_a_frozen_server(

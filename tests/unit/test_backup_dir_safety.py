@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,46 +42,13 @@ from ops.backup.prune import prune
 from ops.backup.retention import Candidate, GfsRetention, KeepLast
 from ops.backup.verify import checksum_problems
 from ops.settings import Settings, load_settings
+from tests.sentinels import snapshot
 
 GOOD = "20260101T030000Z-aaaaaa"
 OTHER = "20260102T030000Z-bbbbbb"
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def snapshot(root: Path) -> dict[str, tuple[int, bytes | str]]:
-    """Everything under ``root``: mode and content (or link target), for byte-exact comparison."""
-    found: dict[str, tuple[int, bytes | str]] = {}
-    for path in sorted([root, *root.rglob("*")]):
-        info = path.lstat()
-        if path.is_symlink():
-            found[str(path)] = (info.st_mode, os.readlink(path))
-        elif path.is_dir():
-            found[str(path)] = (info.st_mode, b"")
-        else:
-            found[str(path)] = (info.st_mode, path.read_bytes())
-    return found
-
-
-@pytest.fixture
-def outside(tmp_path: Path) -> Iterator[Path]:
-    """Files and a directory outside the backup directory that nothing may touch."""
-    victim = tmp_path / "outside"
-    (victim / "tree").mkdir(parents=True)
-    (victim / "secret.dump").write_bytes(b"precious bytes\n")
-    (victim / "tree" / "toc.dat").write_bytes(b"more precious bytes\n")
-    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-    before = snapshot(victim)
-    yield victim
-    assert snapshot(victim) == before, "something outside BACKUP_DIR changed"
-
-
-@pytest.fixture
-def backups(tmp_path: Path) -> Path:
-    directory = tmp_path / "backups"
-    directory.mkdir()
-    return directory
-
-
 def settings_for(directory: Path, **extra: str) -> Settings:
     return load_settings({"BACKUP_DIR": str(directory), "POSTGRES_DB": "app", **extra})
 

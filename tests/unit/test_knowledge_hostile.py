@@ -18,22 +18,9 @@ from db.seed.knowledge_export import (
     parse_export,
     parse_lines,
 )
+from tests.knowledge_lines import GOOD, line
 
-GOOD = {
-    "id": "kb-x",
-    "agent": "coder",
-    "category": "runbook",
-    "title": "A title",
-    "content": "Some content.",
-    "source": "doc:x",
-    "tags": ["a", "b"],
-    "metadata": {"confidence": 0.5},
-}
 AGENTS = frozenset({"coder", "ops-sre"})
-
-
-def line(**changes: object) -> str:
-    return json.dumps({**GOOD, **changes})
 
 
 def nested(depth: int) -> object:

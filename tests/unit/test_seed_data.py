@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -13,22 +12,7 @@ from db.seed.admin import AdminPasswordError, hash_password, verify_password, wr
 from db.seed.agents import DEFAULT_AGENT_NAMES, DEFAULT_AGENTS
 from db.seed.knowledge import SHIPPED_EXPORT, parse_export, parse_lines
 from db.seed.samples import SAMPLE_TASKS, SAMPLE_WORKFLOWS, seed_id
-
-GOOD = {
-    "id": "kb-x",
-    "agent": "coder",
-    "category": "runbook",
-    "title": "A title",
-    "content": "Some content.",
-    "source": "doc:x",
-    "tags": ["a", "b"],
-    "metadata": {"confidence": 0.5},
-}
-
-
-def line(**changes: object) -> str:
-    entry = {**GOOD, **changes}
-    return json.dumps({k: v for k, v in entry.items() if v is not ...})
+from tests.knowledge_lines import line
 
 
 def test_ten_default_agents_with_everything_a_platform_agent_needs() -> None:
