@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Barman (point-in-time recovery) lives in its own virtualenv: see docker/barman-requirements.txt.
+BARMAN_VENV ?= .venv-barman
+BARMAN_STAMP := $(BARMAN_VENV)/.installed
 
 .PHONY: venv test test-unit test-integration test-monitoring lint fmt bench e2e
 
@@ -12,15 +15,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(BARMAN_STAMP): docker/barman-requirements.txt
+	test -x $(BARMAN_VENV)/bin/python || $(PYTHON) -m venv $(BARMAN_VENV)
+	$(BARMAN_VENV)/bin/pip install -q --upgrade pip
+	$(BARMAN_VENV)/bin/pip install -q -r docker/barman-requirements.txt
+	touch $(BARMAN_STAMP)
 
-test: $(STAMP)
+venv: $(STAMP) $(BARMAN_STAMP)
+
+test: $(STAMP) $(BARMAN_STAMP)
 	$(BIN)/pytest tests/unit tests/integration tests/monitoring
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(BARMAN_STAMP)
 	$(BIN)/pytest tests/integration
 
 test-monitoring: $(STAMP)
@@ -36,7 +45,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix db ops tests
 
 # Benchmarks print ratios against a baseline measured in the same run; they assert no time.
-bench: $(STAMP)
+bench: $(STAMP) $(BARMAN_STAMP)
 	$(BIN)/pytest -s tests/benchmarks
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------

@@ -117,7 +117,7 @@ def barman_config(
         f"barman_home = {_ini(str(home))}",
         f"barman_user = {_ini(os_user)}",
         f"log_file = {_ini(str(settings.directory / 'log' / 'barman.log'))}",
-        "log_level = INFO",
+        "log_level = WARNING",
         "",
         f"[{SERVER_NAME}]",
         "description = dbops PostgreSQL",

@@ -180,3 +180,27 @@ def test_barman_runs_with_the_passfile_and_none_of_our_secrets(
     env = barman_environment(PitrSettings(directory=Path("/p")))
     assert env["PGPASSFILE"] == "/p/pgpass"
     assert all(SECRET not in value for value in env.values())
+
+
+def test_check_fails_when_a_slot_may_keep_unlimited_wal() -> None:
+    from ops.pitr.checks import our_checks
+    from ops.pitr.status import PitrStatus, SlotState
+
+    status = PitrStatus(gathered_at=0.0, current_lsn="0/3000000", cap_bytes=None)
+    status.slot = SlotState(name="dbops_barman", exists=True, wal_status="reserved")
+    checks = our_checks(status)
+    assert checks["dbops_slot_cap"]["status"] == "FAILED"
+    assert "unlimited" in checks["dbops_slot_cap"]["hint"]
+    assert checks["dbops_slot"]["status"] == "OK"
+
+
+def test_check_reports_a_lost_slot_as_a_gap_in_the_archive() -> None:
+    from ops.pitr.checks import our_checks
+    from ops.pitr.status import PitrStatus, SlotState
+
+    status = PitrStatus(gathered_at=0.0, current_lsn="0/9000000", cap_bytes=64 * 1024**2)
+    status.slot = SlotState(name="dbops_barman", exists=True, wal_status="lost")
+    assert our_checks(status)["dbops_slot"] == {
+        "status": "FAILED",
+        "hint": "slot dbops_barman lost its WAL: the archive has a gap",
+    }

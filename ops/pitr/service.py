@@ -1,0 +1,176 @@
+"""The sidecar's PITR component: streaming kept alive, WAL switched out, base backups on a
+schedule, retention, and a status snapshot for metrics and ``/healthz``.
+
+``barman cron`` is the supervisor Barman itself provides: each run starts ``receive-wal`` when
+it is not running (creating the slot when missing), moves streamed segments into the archive
+and applies the retention policy. We run it every ``PITR_CRON_INTERVAL``. Every job catches its
+own failures: they become log lines and the snapshot's problems, never a dead scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.triggers.cron import CronTrigger
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
+
+from db.errors import error_line
+from ops.pitr.barman import Barman, BarmanError
+from ops.pitr.status import PitrStatus, gather
+from ops.pitr.walswitch import WalSwitcher
+from ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CRON_JOB, SWITCH_JOB, BASEBACKUP_JOB = "dbops-pitr-cron", "dbops-pitr-switch", "dbops-pitr-base"
+PITR_APPLICATION_NAME = "dbops-pitr"
+MISFIRE_GRACE = 3600
+
+
+def make_barman(settings: Settings) -> Barman:
+    return Barman(
+        settings.pitr,
+        settings.db.url,
+        bindir=settings.backup.bindir,
+        connect_timeout=settings.db.connect_timeout,
+    )
+
+
+def pitr_engine(settings: Settings) -> Engine:
+    """Pool-less, with a statement timeout: a WAL switch or status query never hangs a job."""
+    timeout_ms = max(1000, int(settings.sidecar.query_timeout * 1000))
+    return create_engine(
+        settings.db.url,
+        poolclass=NullPool,
+        connect_args={
+            "application_name": PITR_APPLICATION_NAME,
+            "connect_timeout": settings.db.connect_timeout,
+            "options": f"-c statement_timeout={timeout_ms}",
+        },
+    )
+
+
+class PitrService:
+    name = "pitr"
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.barman = make_barman(settings)
+        self.engine = pitr_engine(settings)
+        self.switcher = WalSwitcher(self.engine)
+        self.snapshot: PitrStatus | None = None
+        self.streaming_since_down: float | None = None  # when streaming was last seen down
+        self.last_backup_error: str | None = None
+        self._backup_lock = threading.Lock()
+        self._started = time.time()
+        self.registry = registry
+
+    # -- Component protocol ---------------------------------------------------------------
+    def start(self, scheduler: BaseScheduler) -> None:
+        pitr = self.settings.pitr
+        self.barman.prepare()
+        now = datetime.now(UTC)
+        scheduler.add_job(
+            self.supervise,
+            "interval",
+            seconds=pitr.cron_interval,
+            id=CRON_JOB,
+            next_run_time=now,
+        )
+        scheduler.add_job(self.switch_wal, "interval", seconds=pitr.archive_timeout, id=SWITCH_JOB)
+        scheduler.add_job(
+            self.base_backup,
+            CronTrigger.from_crontab(pitr.basebackup_schedule, timezone=UTC),
+            id=BASEBACKUP_JOB,
+            misfire_grace_time=MISFIRE_GRACE,
+        )
+        log.info(
+            "pitr: streaming through slot %s, base backups '%s', recovery window %d days",
+            pitr.slot_name,
+            pitr.basebackup_schedule,
+            pitr.retention_days,
+        )
+
+    def health_problems(self) -> list[str]:
+        down_since = self.streaming_since_down
+        limit = self.settings.pitr.streaming_down_limit
+        if down_since is not None and time.time() - down_since > limit:
+            return [f"pitr: WAL streaming down for {time.time() - down_since:.0f}s"]
+        return []
+
+    def stop(self) -> None:
+        try:
+            self.barman.stop_receive_wal()
+        except BarmanError as error:
+            log.error("pitr: stopping WAL streaming failed: %s", error)
+        finally:
+            self.engine.dispose()
+
+    # -- jobs -------------------------------------------------------------------------------
+    def supervise(self) -> None:
+        """``barman cron``, then a fresh snapshot; the first base backup when there is none."""
+        started = time.monotonic()
+        try:
+            self.barman.cron()
+        except BarmanError as error:
+            log.error("pitr: barman cron failed: %s", error)
+        self.refresh()
+        snapshot = self.snapshot
+        if snapshot is not None and not snapshot.problems and not snapshot.good_backups:
+            log.info("pitr: no base backup yet: taking one now")
+            self.base_backup()
+        log.debug("pitr: supervision took %.1fs", time.monotonic() - started)
+
+    def refresh(self) -> PitrStatus:
+        snapshot = gather(self.barman, self.engine)
+        if snapshot.streaming:
+            self.streaming_since_down = None
+        elif self.streaming_since_down is None:
+            self.streaming_since_down = time.time()
+        self.snapshot = snapshot
+        return snapshot
+
+    def switch_wal(self) -> None:
+        try:
+            closed = self.switcher.tick()
+        except exc.SQLAlchemyError as error:
+            log.error("pitr: WAL switch failed: %s", error_line(error))
+            return
+        if closed:
+            try:
+                self.barman.archive_wal()
+            except BarmanError as error:
+                log.error("pitr: archiving switched WAL failed: %s", error)
+
+    def base_backup(self) -> dict[str, Any] | None:
+        """One base backup; a second one asked for while one runs is skipped, not queued."""
+        if not self._backup_lock.acquire(blocking=False):
+            log.info("pitr: a base backup is already running")
+            return None
+        started = time.monotonic()
+        try:
+            backup_id = self.barman.backup()
+            backup = self.barman.show(backup_id)
+        except BarmanError as error:
+            self.last_backup_error = str(error)
+            log.error("pitr: base backup failed after %.1fs: %s", time.monotonic() - started, error)
+            return None
+        finally:
+            self._backup_lock.release()
+        self.last_backup_error = None
+        log.info(
+            "pitr: base backup %s ok: %.1f MB in %.1fs",
+            backup.id,
+            backup.size_bytes / 1e6,
+            time.monotonic() - started,
+        )
+        self.refresh()
+        return {"id": backup.id}
