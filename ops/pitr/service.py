@@ -31,6 +31,7 @@ from ops.settings import Settings
 log = logging.getLogger(__name__)
 
 CRON_JOB, SWITCH_JOB, BASEBACKUP_JOB = "dbops-pitr-cron", "dbops-pitr-switch", "dbops-pitr-base"
+DRILL_JOB = "dbops-pitr-drill"
 PITR_APPLICATION_NAME = "dbops-pitr"
 MISFIRE_GRACE = 3600
 
@@ -90,6 +91,12 @@ class PitrService:
             self.base_backup,
             CronTrigger.from_crontab(pitr.basebackup_schedule, timezone=UTC),
             id=BASEBACKUP_JOB,
+            misfire_grace_time=MISFIRE_GRACE,
+        )
+        scheduler.add_job(
+            self.drill,
+            CronTrigger.from_crontab(pitr.drill_schedule, timezone=UTC),
+            id=DRILL_JOB,
             misfire_grace_time=MISFIRE_GRACE,
         )
         log.info(
@@ -174,3 +181,18 @@ class PitrService:
         )
         self.refresh()
         return {"id": backup.id}
+
+    def drill(self) -> None:
+        """The scheduled PITR drill; its result is recorded in PITR_DIR and logged."""
+        from ops.pitr.drill import drill
+
+        record = drill(self.settings, self.barman)
+        if record.ok:
+            log.info(
+                "pitr: drill ok: %s restored to %s in %.1fs",
+                record.backup_id,
+                record.target_time,
+                record.seconds,
+            )
+        else:
+            log.error("pitr: drill FAILED after %.1fs: %s", record.seconds, record.error)
