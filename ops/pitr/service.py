@@ -23,7 +23,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
-from ops.pitr.barman import Barman, BarmanError
+from ops.pitr.barman import BackupInfo, Barman, BarmanError
+from ops.pitr.metrics import PitrCollector, PitrCounters
+from ops.pitr.settings import SERVER_NAME
 from ops.pitr.status import PitrStatus, gather
 from ops.pitr.walswitch import WalSwitcher
 from ops.settings import Settings
@@ -71,8 +73,13 @@ class PitrService:
         self.streaming_since_down: float | None = None  # when streaming was last seen down
         self.last_backup_error: str | None = None
         self._backup_lock = threading.Lock()
-        self._started = time.time()
-        self.registry = registry
+        self._newest: BackupInfo | None = None  # show-backup of the newest good one, cached
+        self.counters = PitrCounters(registry)
+        registry.register(
+            PitrCollector(
+                settings.pitr, lambda: self.snapshot, lambda: self._newest, self._backup_lock.locked
+            )
+        )
 
     # -- Component protocol ---------------------------------------------------------------
     def start(self, scheduler: BaseScheduler) -> None:
@@ -129,15 +136,48 @@ class PitrService:
             self.barman.cron()
         except BarmanError as error:
             log.error("pitr: barman cron failed: %s", error)
-        self.refresh()
-        snapshot = self.snapshot
-        if snapshot is not None and not snapshot.problems and not snapshot.good_backups:
+        snapshot = self.refresh()
+        if snapshot.slot is not None and snapshot.slot.wal_status == "lost":
+            self.recover_lost_slot(snapshot)
+            return
+        if not snapshot.problems and not snapshot.good_backups:
             log.info("pitr: no base backup yet: taking one now")
             self.base_backup()
         log.debug("pitr: supervision took %.1fs", time.monotonic() - started)
 
+    def recover_lost_slot(self, snapshot: PitrStatus) -> None:
+        """The server dropped WAL the archive never got (the sidecar was down past the cap):
+        the archive has a gap after ``last_wal_archived``. Restart streaming from the server's
+        current position through a new slot, and take a base backup at once so there is a
+        recovery window again. Recovery to a point inside the gap stays impossible, and the
+        slot-lost metric and ``ops pitr check`` said so until now."""
+        log.error(
+            "pitr: slot %s lost WAL after %s: recovery into the gap is impossible; resetting "
+            "streaming and taking a new base backup",
+            self.settings.pitr.slot_name,
+            snapshot.last_wal_archived or "the start",
+        )
+        try:
+            self.barman.stop_receive_wal()
+            self.barman.run("receive-wal", "--drop-slot", SERVER_NAME)
+            self.barman.run("receive-wal", "--create-slot", SERVER_NAME)
+            self.barman.run("receive-wal", "--reset", SERVER_NAME)
+            self.counters.slot_resets.inc()
+            self.barman.cron()
+        except BarmanError as error:
+            log.error("pitr: resetting streaming failed: %s", error)
+            return
+        self.refresh()
+        self.base_backup()
+
     def refresh(self) -> PitrStatus:
-        snapshot = gather(self.barman, self.engine)
+        snapshot = gather(self.barman, self.engine, checks=True)
+        good = snapshot.good_backups
+        if good and (self._newest is None or self._newest.id != good[-1].id):
+            try:
+                self._newest = self.barman.show(good[-1].id)
+            except BarmanError as error:
+                snapshot.problems.append(str(error))
         if snapshot.streaming:
             self.streaming_since_down = None
         elif self.streaming_since_down is None:
@@ -152,6 +192,7 @@ class PitrService:
             log.error("pitr: WAL switch failed: %s", error_line(error))
             return
         if closed:
+            self.counters.switches.inc()
             try:
                 self.barman.archive_wal()
             except BarmanError as error:
@@ -168,11 +209,13 @@ class PitrService:
             backup = self.barman.show(backup_id)
         except BarmanError as error:
             self.last_backup_error = str(error)
+            self.counters.base_backups.labels("failed").inc()
             log.error("pitr: base backup failed after %.1fs: %s", time.monotonic() - started, error)
             return None
         finally:
             self._backup_lock.release()
         self.last_backup_error = None
+        self.counters.base_backups.labels("ok").inc()
         log.info(
             "pitr: base backup %s ok: %.1f MB in %.1fs",
             backup.id,
@@ -187,6 +230,7 @@ class PitrService:
         from ops.pitr.drill import drill
 
         record = drill(self.settings, self.barman)
+        self.counters.drills.labels("ok" if record.ok else "failed").inc()
         if record.ok:
             log.info(
                 "pitr: drill ok: %s restored to %s in %.1fs",
