@@ -130,6 +130,14 @@ def run_status(args: argparse.Namespace) -> int:
         ),
         ("Recovery window", f"{_when(status.window_start)} .. {_when(status.window_end)}"),
     ]
+    for gap in status.gaps:
+        rows.append(
+            (
+                "Gap (unrecoverable)",
+                f"WAL lost after {gap.get('after_wal') or 'the start'}; recoverable again from "
+                f"the end of base backup {gap.get('backup_id') or '(none yet)'}",
+            )
+        )
     for label, value in rows:
         print(f"{label + ':':<19} {value}")
     for problem in status.problems:

@@ -26,6 +26,7 @@ from db.errors import error_line
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
 from ops.pitr.metrics import PitrCollector, PitrCounters
 from ops.pitr.settings import SERVER_NAME
+from ops.pitr.state import close_gap, record_gap
 from ops.pitr.status import PitrStatus, gather
 from ops.pitr.walswitch import WalSwitcher
 from ops.settings import Settings
@@ -158,6 +159,10 @@ class PitrService:
             snapshot.last_wal_archived or "the start",
         )
         try:
+            record_gap(self.settings.pitr.state_file, snapshot.last_wal_archived, time.time())
+        except OSError as error:
+            log.error("pitr: recording the gap failed: %s", error.strerror)
+        try:
             self.barman.stop_receive_wal()
             self.barman.run("receive-wal", "--drop-slot", SERVER_NAME)
             self.barman.run("receive-wal", "--create-slot", SERVER_NAME)
@@ -216,6 +221,10 @@ class PitrService:
             self._backup_lock.release()
         self.last_backup_error = None
         self.counters.base_backups.labels("ok").inc()
+        try:
+            close_gap(self.settings.pitr.state_file, backup.id)
+        except OSError as error:
+            log.error("pitr: recording the gap's end failed: %s", error.strerror)
         log.info(
             "pitr: base backup %s ok: %.1f MB in %.1fs",
             backup.id,

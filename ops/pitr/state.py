@@ -69,6 +69,34 @@ def last_good_drill(path: Path) -> DrillRecord | None:
     return _record(load_state(path).get("last_good_drill"))
 
 
+MAX_GAPS = 20
+
+
+def gaps(path: Path) -> list[dict[str, Any]]:
+    """Gaps in the archive, oldest first: WAL lost after ``after_wal`` until ``backup_id``."""
+    found = load_state(path).get("gaps")
+    return [g for g in found if isinstance(g, dict)] if isinstance(found, list) else []
+
+
+def record_gap(path: Path, after_wal: str | None, detected_at: float) -> None:
+    state = load_state(path)
+    known = gaps(path)
+    known.append({"after_wal": after_wal, "detected_at": detected_at, "backup_id": None})
+    state["gaps"] = known[-MAX_GAPS:]
+    write_private(path, json.dumps(state, indent=2) + "\n")
+
+
+def close_gap(path: Path, backup_id: str) -> None:
+    """The first base backup after a gap: recovery is possible again from its end on."""
+    state = load_state(path)
+    known = gaps(path)
+    for gap in known:
+        if gap.get("backup_id") is None:
+            gap["backup_id"] = backup_id
+    state["gaps"] = known
+    write_private(path, json.dumps(state, indent=2) + "\n")
+
+
 def record_drill(path: Path, record: DrillRecord) -> None:
     state = load_state(path)
     state["last_drill"] = asdict(record)

@@ -69,6 +69,8 @@ class PitrStatus:
     archived_wal_files: int = 0
     backups: list[BackupInfo] = field(default_factory=list)
     failed_checks: dict[str, str] = field(default_factory=dict)
+    # Where the archive lost WAL (a lost slot): no recovery to a point inside one.
+    gaps: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -163,6 +165,9 @@ def gather(barman: Barman, engine: Engine | None, *, checks: bool = False) -> Pi
         status.backups = barman.backups()
     except BarmanError as error:
         status.problems.append(str(error))
+    from ops.pitr.state import gaps
+
+    status.gaps = gaps(settings.state_file)
     count, newest, newest_time = archived_wal(settings)
     status.archived_wal_files = count
     status.last_wal_archived, status.last_wal_archived_at = newest, newest_time
