@@ -45,6 +45,23 @@ def start_pitr_cluster(**extra: str) -> Cluster:
     return Cluster({**PITR_SERVER_SETTINGS, **extra}).start()
 
 
+BACKUP_ROLE = "pitr_backup"
+
+
+def backup_role_url(cluster: Cluster) -> URL:
+    """The backup role as ``ops db init`` makes it (not a superuser) on ``cluster``."""
+    from db.roles import RoleSpec, ensure_roles
+
+    password = "backup-role-secret-" + cluster.password[:8]
+    engine = create_engine(cluster.url())
+    try:
+        with engine.begin() as connection:
+            ensure_roles(connection, [RoleSpec("backup", BACKUP_ROLE, password, "BACKUP")])
+    finally:
+        engine.dispose()
+    return cluster.url(user=BACKUP_ROLE, password=password)
+
+
 def pitr_env(
     cluster: Cluster, directory: Path, url: URL | None = None, **extra: str
 ) -> dict[str, str]:

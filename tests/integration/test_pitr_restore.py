@@ -20,6 +20,7 @@ from ops.pitr.service import make_barman
 from ops.pitr.state import last_drill, last_good_drill
 from tests.conftest import run_ops
 from tests.integration.pitr_helpers import (
+    backup_role_url,
     execute,
     ops_json,
     pitr_env,
@@ -40,7 +41,8 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    environment = pitr_env(cluster, tmp_path_factory.mktemp("pitr"))
+    # As the backup role `ops db init` makes: REPLICATION and Barman's grants, no superuser.
+    environment = pitr_env(cluster, tmp_path_factory.mktemp("pitr"), url=backup_role_url(cluster))
     execute(cluster.url(), "CREATE TABLE ledger (id int PRIMARY KEY, note text)")
     ops_json("pitr", "backup", env=environment)
     try:

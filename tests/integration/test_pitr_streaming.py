@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import make_url
 
 from ops.pitr.service import PitrService, make_barman, pitr_engine
 from ops.pitr.status import archived_wal
 from ops.pitr.walswitch import WalSwitcher
 from tests.conftest import run_ops
 from tests.integration.pitr_helpers import (
+    backup_role_url,
     execute,
     ops_json,
     pitr_env,
@@ -38,7 +40,8 @@ def cluster() -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """One Barman home for the module, with a base backup taken by the first test."""
-    environment = pitr_env(cluster, tmp_path_factory.mktemp("pitr"))
+    # As the backup role `ops db init` makes: REPLICATION and Barman's grants, no superuser.
+    environment = pitr_env(cluster, tmp_path_factory.mktemp("pitr"), url=backup_role_url(cluster))
     try:
         yield environment
     finally:
@@ -67,17 +70,19 @@ def test_backup_then_list_status_and_check_agree(cluster: Cluster, env: dict[str
 def test_password_reaches_barman_only_through_a_private_passfile(
     cluster: Cluster, env: dict[str, str]
 ) -> None:
+    password = make_url(env["DATABASE_URL"]).password
+    assert password
     directory = Path(env["PITR_DIR"])
     passfile = directory / "pgpass"
     assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
     config = (directory / "barman.conf").read_text()
-    assert cluster.password not in config
+    assert password not in config
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        assert cluster.password not in cmdline, cmdline
+        assert password not in cmdline, cmdline
 
 
 def test_wal_switch_happens_only_after_something_was_written(
