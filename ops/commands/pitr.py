@@ -50,8 +50,19 @@ def register(commands: Any) -> None:
         action="store_true",
         help="the directory is not empty: move what it holds to a sibling directory first",
     )
+    restore.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only check the target and the directory, and say which base backup would be used",
+    )
     restore.add_argument("--json", action="store_true", help="print the result as JSON")
     restore.set_defaults(handler=run_restore)
+
+    switch = actions.add_parser(
+        "switch-wal", help="close the current WAL segment now and wait until it is archived"
+    )
+    switch.add_argument("--json", action="store_true", help="print the result as JSON")
+    switch.set_defaults(handler=run_switch_wal)
 
     drill = actions.add_parser(
         "drill", help="prove a recovery point: markers around T, restore to T, check, remove"
@@ -246,6 +257,8 @@ def run_restore(args: argparse.Namespace) -> int:
     try:
         barman.prepare()
         status = gather(barman, None)
+        if args.dry_run:
+            return _dry_run(status, target, Path(args.directory), args.replace, args.json)
         result = restore(barman, status, target, Path(args.directory), replace=args.replace)
     except RestoreRefused as refused:
         return _fail(f"restore refused, nothing changed: {refused}")
@@ -284,3 +297,50 @@ def run_drill(args: argparse.Namespace) -> int:
     else:
         print(f"pitr drill FAILED after {record.seconds:.1f}s: {record.error}", file=sys.stderr)
     return EXIT_OK if record.ok else EXIT_FAILED
+
+
+def _dry_run(status: Any, target: Any, directory: Any, replace: bool, as_json: bool) -> int:
+    from ops.pitr.restore import RestoreRefused, choose_backup
+
+    backup = choose_backup(status, target)
+    entries = list(directory.iterdir()) if directory.is_dir() else []
+    if entries and not replace:
+        raise RestoreRefused(f"{directory} is not empty; restore elsewhere, or add --replace")
+    if as_json:
+        print(json.dumps({"backup_id": backup.id, "target": target.describe()}, indent=2))
+    else:
+        print(f"would restore base backup {backup.id} into {directory} up to {target.describe()}")
+    return EXIT_OK
+
+
+def run_switch_wal(args: argparse.Namespace) -> int:
+    from sqlalchemy import exc
+
+    from db.errors import error_line
+    from ops.pitr.barman import BarmanError
+    from ops.pitr.drill import DrillFailed, force_wal_out
+    from ops.pitr.service import make_barman, pitr_engine
+    from ops.pitr.status import archived_wal
+
+    settings = _settings()
+    if settings is None:
+        return EXIT_USAGE
+    barman = make_barman(settings)
+    engine = pitr_engine(settings)
+    try:
+        barman.prepare()
+        with engine.connect() as connection:
+            lsn = str(connection.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar())
+        force_wal_out(settings, barman, lsn)
+    except (BarmanError, DrillFailed) as error:
+        return _fail(f"switch-wal failed: {error}")
+    except exc.SQLAlchemyError as error:
+        return _fail(f"switch-wal failed: {error_line(error)}")
+    finally:
+        engine.dispose()
+    newest = archived_wal(settings.pitr)[1]
+    if args.json:
+        print(json.dumps({"archived_through_lsn": lsn, "newest_wal": newest}, indent=2))
+    else:
+        print(f"WAL up to {lsn} is archived (newest segment {newest})")
+    return EXIT_OK

@@ -27,7 +27,7 @@ from ops.pitr.barman import BackupInfo, Barman, BarmanError
 from ops.pitr.metrics import PitrCollector, PitrCounters
 from ops.pitr.settings import SERVER_NAME
 from ops.pitr.state import close_gap, record_gap
-from ops.pitr.status import PitrStatus, gather
+from ops.pitr.status import PitrStatus, gather, new_timeline
 from ops.pitr.walswitch import WalSwitcher
 from ops.settings import Settings
 
@@ -131,20 +131,45 @@ class PitrService:
 
     # -- jobs -------------------------------------------------------------------------------
     def supervise(self) -> None:
-        """``barman cron``, then a fresh snapshot; the first base backup when there is none."""
+        """``barman cron``, then a fresh snapshot; the first base backup when there is none.
+        A lost slot or a new timeline (the server was recovered) restarts streaming first."""
         started = time.monotonic()
+        snapshot = self.refresh()
+        if new_timeline(snapshot):
+            self.follow_new_timeline(snapshot)
+            return
+        if snapshot.slot is not None and snapshot.slot.wal_status == "lost":
+            self.recover_lost_slot(snapshot)
+            return
         try:
             self.barman.cron()
         except BarmanError as error:
             log.error("pitr: barman cron failed: %s", error)
         snapshot = self.refresh()
-        if snapshot.slot is not None and snapshot.slot.wal_status == "lost":
-            self.recover_lost_slot(snapshot)
-            return
         if not snapshot.problems and not snapshot.good_backups:
             log.info("pitr: no base backup yet: taking one now")
             self.base_backup()
         log.debug("pitr: supervision took %.1fs", time.monotonic() - started)
+
+    def follow_new_timeline(self, snapshot: PitrStatus) -> None:
+        """After a recovery the server writes a new timeline: streaming restarts from the
+        server's position (the old partial segment belongs to the abandoned history), and a
+        fresh base backup starts the new recovery window. Earlier backups and WAL are kept."""
+        log.warning(
+            "pitr: the server writes %s, the archive ends with %s: it was recovered; restarting "
+            "streaming on the new timeline and taking a fresh base backup",
+            snapshot.current_wal,
+            snapshot.last_wal_archived,
+        )
+        try:
+            self.barman.stop_receive_wal()
+            self.barman.run("receive-wal", "--reset", SERVER_NAME)
+            self.barman.cron()
+        except BarmanError as error:
+            log.error("pitr: restarting streaming on the new timeline failed: %s", error)
+            return
+        self.refresh()
+        self.base_backup()
 
     def recover_lost_slot(self, snapshot: PitrStatus) -> None:
         """The server dropped WAL the archive never got (the sidecar was down past the cap):

@@ -32,6 +32,7 @@ _SLOT_SQL = text(
 _SERVER_SQL = text(
     """
     SELECT pg_current_wal_lsn()::text AS current_lsn,
+           pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
            (SELECT setting::bigint FROM pg_settings
              WHERE name = 'max_slot_wal_keep_size') AS cap_mb,
            (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint
@@ -61,6 +62,7 @@ class PitrStatus:
     streaming: bool = False
     slot: SlotState | None = None
     current_lsn: str | None = None
+    current_wal: str | None = None  # the segment the server writes (its timeline first)
     cap_bytes: int | None = None  # the server's max_slot_wal_keep_size; None = unlimited
     lag_bytes: int | None = None
     lag_seconds: float | None = None
@@ -95,6 +97,18 @@ class PitrStatus:
         data["window_start"] = self.window_start
         data["window_end"] = self.window_end
         return data
+
+
+def timeline_of(wal_name: str) -> int:
+    return int(wal_name[:8], 16)
+
+
+def new_timeline(status: PitrStatus) -> bool:
+    """Whether the server writes a later timeline than the archive holds: it was recovered
+    (or a standby promoted), so streaming must restart there and a base backup follow."""
+    if not status.current_wal or not status.last_wal_archived:
+        return False
+    return timeline_of(status.current_wal) > timeline_of(status.last_wal_archived)
 
 
 def archived_wal(settings: PitrSettings) -> tuple[int, str | None, float | None]:
@@ -145,6 +159,7 @@ def server_state(engine: Engine, settings: PitrSettings, status: PitrStatus) -> 
         status.slot.retained_bytes = row["retained_bytes"]
         status.slot.restart_lsn = row["restart_lsn"]
     status.current_lsn = server["current_lsn"]
+    status.current_wal = server["current_wal"]
     cap_mb = server["cap_mb"]
     status.cap_bytes = int(cap_mb) * 1024**2 if cap_mb is not None and cap_mb >= 0 else None
     status.streaming = bool(server["streamers"]) and bool(status.slot.active)

@@ -3,6 +3,7 @@ with a new base backup, and streaming resumes on its own."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ops.pitr.service import PitrService
+from tests.conftest import run_ops
 from tests.integration.pitr_helpers import (
     execute,
     ops_json,
@@ -93,3 +95,57 @@ def test_a_lost_slot_is_reported_then_reset_with_a_new_base_backup(
         ]
     finally:
         service.stop()
+
+
+def test_recovering_the_live_server_to_a_time_then_streaming_follows_its_new_timeline(
+    tmp_path: Path,
+) -> None:
+    """What `make recover` does, without containers: stop the server, keep its data, restore
+    to T in its place, start it; the sidecar then streams the new timeline and backs it up."""
+    cluster = start_pitr_cluster()
+    try:
+        env = pitr_env(cluster, tmp_path / "pitr")
+        service = PitrService(pitr_settings(env), CollectorRegistry())
+        try:
+            service.barman.prepare()
+            service.supervise()
+            execute(cluster.url(), "CREATE TABLE orders (id int PRIMARY KEY)")
+            execute(cluster.url(), "INSERT INTO orders SELECT generate_series(1, 100)")
+            target = execute(cluster.url(), "SELECT clock_timestamp()")[0][0]
+            execute(cluster.url(), "INSERT INTO orders SELECT generate_series(101, 150)")
+            switched = run_ops("pitr", "switch-wal", env=env)
+            assert switched.returncode == 0, switched.stderr
+
+            service.barman.stop_receive_wal()
+            cluster.stop_server()
+            kept = cluster.root / "data-before-recover"
+            cluster.datadir.rename(kept)
+            restored = run_ops(
+                "pitr",
+                "restore",
+                str(cluster.datadir),
+                "--target-time",
+                target.isoformat(),
+                env=env,
+            )
+            assert restored.returncode == 0, restored.stderr
+            for path in [cluster.datadir, *cluster.datadir.rglob("*")]:
+                shutil.chown(path, "postgres", "postgres")
+            cluster.start_server()
+            assert wait_for(
+                lambda: execute(cluster.url(), "SELECT NOT pg_is_in_recovery()")[0][0], 60, 0.5
+            )
+            assert execute(cluster.url(), "SELECT count(*), max(id) FROM orders")[0] == (100, 100)
+            assert (kept / "PG_VERSION").is_file()  # the data before the recovery is still there
+
+            service.supervise()  # sees timeline 2: resets streaming, takes a fresh base backup
+            snapshot = service.refresh()
+            assert snapshot.current_wal is not None and snapshot.current_wal.startswith("00000002")
+            assert len(snapshot.good_backups) == 2
+            assert wait_for(lambda: service.refresh().streaming, 30, 0.5)
+            assert service.snapshot is not None and service.snapshot.last_wal_archived
+            assert service.snapshot.last_wal_archived.startswith("00000002")
+        finally:
+            service.stop()
+    finally:
+        cluster.stop()
