@@ -50,11 +50,16 @@ class BackupInfo:
 
 
 def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped and not stripped.startswith("See log file"):
-            return stripped.removeprefix("ERROR: ").removeprefix("EXCEPTION: ")
-    return "no output"
+    """Barman's error line: the first ERROR/EXCEPTION, else the first line that is not a
+    warning (Barman warns, for one, about configuration files outside the data directory)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("ERROR: ", "EXCEPTION: ")):
+            return line.split(": ", 1)[1]
+    for line in lines:
+        if not line.startswith(("WARNING", "See log file", "\t")):
+            return line
+    return lines[0] if lines else "no output"
 
 
 def _error_of(stdout: str, stderr: str) -> str:

@@ -25,9 +25,10 @@ from sqlalchemy.pool import NullPool
 from db.errors import error_line
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
 from ops.pitr.metrics import PitrCollector, PitrCounters
+from ops.pitr.restore import WAL_SEGMENT_BYTES, parse_lsn, segment_end_lsn
 from ops.pitr.settings import SERVER_NAME
 from ops.pitr.state import close_gap, record_gap
-from ops.pitr.status import PitrStatus, gather, new_timeline
+from ops.pitr.status import PitrStatus, archived_wal, gather, new_timeline
 from ops.pitr.walswitch import WalSwitcher
 from ops.settings import Settings
 
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 
 CRON_JOB, SWITCH_JOB, BASEBACKUP_JOB = "dbops-pitr-cron", "dbops-pitr-switch", "dbops-pitr-base"
 DRILL_JOB = "dbops-pitr-drill"
+SOON_JOB = "dbops-pitr-base-now"
 PITR_APPLICATION_NAME = "dbops-pitr"
 MISFIRE_GRACE = 3600
+ARCHIVE_WAIT = 10.0  # seconds a switch waits for streaming to deliver the closed segment
 
 
 def make_barman(settings: Settings) -> Barman:
@@ -76,6 +79,7 @@ class PitrService:
         self._backup_lock = threading.Lock()
         self._newest: BackupInfo | None = None  # show-backup of the newest good one, cached
         self.counters = PitrCounters(registry)
+        self._scheduler: BaseScheduler | None = None
         registry.register(
             PitrCollector(
                 settings.pitr, lambda: self.snapshot, lambda: self._newest, self._backup_lock.locked
@@ -85,6 +89,7 @@ class PitrService:
     # -- Component protocol ---------------------------------------------------------------
     def start(self, scheduler: BaseScheduler) -> None:
         pitr = self.settings.pitr
+        self._scheduler = scheduler
         self.barman.prepare()
         now = datetime.now(UTC)
         scheduler.add_job(
@@ -146,9 +151,9 @@ class PitrService:
         except BarmanError as error:
             log.error("pitr: barman cron failed: %s", error)
         snapshot = self.refresh()
-        if not snapshot.problems and not snapshot.good_backups:
+        if not snapshot.problems and not snapshot.good_backups and not self._backup_lock.locked():
             log.info("pitr: no base backup yet: taking one now")
-            self.base_backup()
+            self.base_backup_soon()
         log.debug("pitr: supervision took %.1fs", time.monotonic() - started)
 
     def follow_new_timeline(self, snapshot: PitrStatus) -> None:
@@ -169,7 +174,18 @@ class PitrService:
             log.error("pitr: restarting streaming on the new timeline failed: %s", error)
             return
         self.refresh()
-        self.base_backup()
+        self.base_backup_soon()
+
+    def base_backup_soon(self) -> None:
+        """A base backup now, in a job of its own on the daemon's scheduler, so supervision
+        (which keeps streaming alive) goes on during a backup that may take hours; without a
+        scheduler (one-off use) it runs here."""
+        if self._scheduler is None:
+            self.base_backup()
+            return
+        self._scheduler.add_job(
+            self.base_backup, id=SOON_JOB, replace_existing=True, misfire_grace_time=None
+        )
 
     def recover_lost_slot(self, snapshot: PitrStatus) -> None:
         """The server dropped WAL the archive never got (the sidecar was down past the cap):
@@ -198,7 +214,7 @@ class PitrService:
             log.error("pitr: resetting streaming failed: %s", error)
             return
         self.refresh()
-        self.base_backup()
+        self.base_backup_soon()
 
     def refresh(self) -> PitrStatus:
         snapshot = gather(self.barman, self.engine, checks=True)
@@ -216,17 +232,31 @@ class PitrService:
         return snapshot
 
     def switch_wal(self) -> None:
+        """Close the segment when something was written, then archive it as soon as streaming
+        has received all of it (a few seconds at most), not at the next supervision run."""
         try:
             closed = self.switcher.tick()
         except exc.SQLAlchemyError as error:
             log.error("pitr: WAL switch failed: %s", error_line(error))
             return
-        if closed:
-            self.counters.switches.inc()
-            try:
+        if not closed:
+            return
+        self.counters.switches.inc()
+        position = parse_lsn(self.switcher.last_switch_lsn or "0/0")
+        closed_end = position - position % WAL_SEGMENT_BYTES  # where the new segment starts
+        deadline = time.monotonic() + ARCHIVE_WAIT
+        try:
+            while True:
                 self.barman.archive_wal()
-            except BarmanError as error:
-                log.error("pitr: archiving switched WAL failed: %s", error)
+                newest = archived_wal(self.settings.pitr)[1]
+                if newest is not None and segment_end_lsn(newest) >= closed_end:
+                    return
+                if time.monotonic() > deadline:
+                    log.warning("pitr: the switched segment is not archived yet; cron will")
+                    return
+                time.sleep(0.5)
+        except BarmanError as error:
+            log.error("pitr: archiving switched WAL failed: %s", error)
 
     def base_backup(self) -> dict[str, Any] | None:
         """One base backup; a second one asked for while one runs is skipped, not queued."""

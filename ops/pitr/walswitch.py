@@ -1,7 +1,8 @@
 """The forced WAL switch: close the current segment every ``PITR_ARCHIVE_TIMEOUT``, but only
 when something was written since the last switch.
 
-Streaming hands over a segment once it is complete; on a quiet server that can take hours,
+Streaming hands over a segment once it is complete (and Barman archives it once the next one
+has begun); on a quiet server that can take hours,
 and the archive (what a recovery can use) would trail by as much. Switching an idle server
 would instead fill the archive with empty 16 MB segments, hence the comparison.
 """
@@ -41,8 +42,15 @@ class WalSwitcher:
             connection.execute(text("SELECT pg_switch_wal()"))
             after = connection.execute(LSN).scalar_one()
             connection.commit()
+            closed = bool(after != current)
+            if closed:
+                # Barman archives a streamed segment only once the next one has begun, and
+                # on an idle server nothing would begin it: one commit record does.
+                connection.execute(text("SELECT txid_current()"))
+                connection.commit()
+                after = connection.execute(LSN).scalar_one()
+                connection.commit()
         self.last_switch_lsn = after
-        closed = bool(after != current)
         if closed:
             self.switches += 1
         return closed

@@ -42,14 +42,16 @@ def env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """One Barman home for the module, with a base backup taken by the first test."""
     # As the backup role `ops db init` makes: REPLICATION and Barman's grants, no superuser.
     environment = pitr_env(cluster, tmp_path_factory.mktemp("pitr"), url=backup_role_url(cluster))
+    execute(cluster.url(), "CREATE TABLE t (id int)")
+    barman = make_barman(pitr_settings(environment))
+    barman.prepare()
     try:
         yield environment
     finally:
-        make_barman(pitr_settings(environment)).stop_receive_wal()
+        barman.stop_receive_wal()
 
 
 def test_backup_then_list_status_and_check_agree(cluster: Cluster, env: dict[str, str]) -> None:
-    execute(cluster.url(), "CREATE TABLE IF NOT EXISTS t (id int)")
     taken = ops_json("pitr", "backup", env=env)["backup"]
     assert taken["status"] == "DONE" and taken["size_bytes"] > 1_000_000
 
@@ -110,11 +112,13 @@ def test_a_commit_reaches_the_archive_within_one_switch(
     settings = pitr_settings(env)
     service = PitrService(settings, CollectorRegistry())
     try:
+        service.barman.cron()  # streaming runs (it does already after the tests above)
+        assert wait_for(lambda: service.refresh().streaming, 30, 0.5)
         before, newest_before, _ = archived_wal(settings.pitr)
         execute(cluster.url(), "INSERT INTO t VALUES (2)")
-        service.switch_wal()  # switch, then archive what streaming received
-        assert wait_for(lambda: archived_wal(settings.pitr)[1] != newest_before, 30, 0.5)
-        assert archived_wal(settings.pitr)[0] > before
+        service.switch_wal()  # switch, and archive the segment once streaming delivered it
+        count, newest, _ = archived_wal(settings.pitr)
+        assert newest != newest_before and count > before
     finally:
         service.engine.dispose()
 

@@ -151,3 +151,19 @@ def test_a_damaged_state_file_reads_as_no_drill(tmp_path: Path) -> None:
     assert last_drill(state) is None
     state.write_bytes(b"\xff\xfe not json")
     assert last_drill(state) is None
+
+
+def test_barman_error_line_is_the_error_not_a_warning_before_it() -> None:
+    from ops.pitr.barman import _error_of
+
+    stderr = (
+        "WARNING: pg_basebackup does not copy the PostgreSQL configuration files that reside "
+        "outside PGDATA. Please manually backup the following files:\n"
+        "\t/etc/dbops/pg_hba.conf\n\n"
+        "EXCEPTION: [Errno 2] No such file or directory: 'file'\n"
+        "See log file for more details.\n"
+    )
+    assert _error_of("", stderr) == "[Errno 2] No such file or directory: 'file'"
+    assert _error_of('{"_ERROR": ["ERROR: Impossible to start the backup"]}', "") == (
+        "Impossible to start the backup"
+    )
