@@ -51,9 +51,10 @@ bench: $(STAMP) $(BARMAN_STAMP)
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
 # make up | down | ps | logs [SERVICE=ops] | backup | restore ID=... [TARGET_DB=name] [FORCE=1]
 # make psql | demo (WORKLOAD_MODE=saturate for pool saturation) | e2e
+# make recover [TIME='2026-11-28 14:05:00+00']   # point-in-time recovery of the live database
 STACK := $(PYTHON) docker/stack.py
 
-.PHONY: up down ps logs backup restore psql demo
+.PHONY: up down ps logs backup restore psql demo recover
 
 up:
 	@$(STACK) up
@@ -76,6 +77,9 @@ restore:
 
 psql:
 	@$(STACK) psql
+
+recover:
+	@$(STACK) recover $(if $(TIME),--time '$(TIME)')
 
 demo:
 	@$(STACK) demo
