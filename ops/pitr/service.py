@@ -151,7 +151,14 @@ class PitrService:
         except BarmanError as error:
             log.error("pitr: barman cron failed: %s", error)
         snapshot = self.refresh()
-        if not snapshot.problems and not snapshot.good_backups and not self._backup_lock.locked():
+        # A backup still waiting for its WAL counts: taking another would not help it.
+        pending = [b for b in snapshot.backups if b.status in ("STARTED", "WAITING_FOR_WALS")]
+        if (
+            not snapshot.problems
+            and not snapshot.good_backups
+            and not pending
+            and not self._backup_lock.locked()
+        ):
             log.info("pitr: no base backup yet: taking one now")
             self.base_backup_soon()
         log.debug("pitr: supervision took %.1fs", time.monotonic() - started)
