@@ -26,14 +26,14 @@ PROMOTE_TIMEOUT = 1800.0  # seconds PostgreSQL may take to replay WAL up to the 
 DATA_MOUNT = "/var/lib/postgresql/data"
 
 
-def docker(*args: str, check: bool = True, capture: bool = False) -> str:
+def docker(*args: str) -> str:
     from stack import StackError
 
-    result = subprocess.run(["docker", *args], capture_output=capture, text=True, check=False)
-    if check and result.returncode != 0:
-        detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []
-        raise StackError(f"`docker {args[0]} ...` failed (exit {result.returncode}) {detail}")
-    return result.stdout if capture else ""
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout or "no output").strip().splitlines()
+        raise StackError(f"`docker {' '.join(args[:2])} ...` failed: {lines[-1]}")
+    return result.stdout
 
 
 def image_of(stack: Any, service: str) -> str:
@@ -92,10 +92,14 @@ def cmd_recover(stack: Any, args: Any) -> int:
     stack.run_compose("stop", "postgres")
 
     say(f"keeping the current data in volume {kept}")
-    docker("volume", "create", "--label", f"dbops.recovered-from={volume}", kept)
+    # Labelled as the project's, so `make down` leaves it and it is listed with the others.
+    docker("volume", "create", "--label", f"dbops.recovered-from={volume}",
+           "--label", f"com.docker.compose.project={project}", kept)
+    # Same entries and the same bytes in files (directories' own sizes may differ).
     same = (
-        'cp -a /from/. /to/ && [ "$(find /from | wc -l)" = "$(find /to | wc -l)" ] '
-        '&& [ "$(du -sk /from | cut -f1)" = "$(du -sk /to | cut -f1)" ]'
+        "cp -a /from/. /to/ && sum() { find \"$1\" -type f -printf '%s\\n' | "
+        "awk '{ n += 1; b += $1 } END { print n, b }'; } && "
+        '[ "$(find /from | wc -l)" = "$(find /to | wc -l)" ] && [ "$(sum /from)" = "$(sum /to)" ]'
     )
     docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/from:ro",
            "-v", f"{kept}:/to", postgres_image, "-c", same)
