@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 # releases the ranges admit.
 LOCK := requirements.lock
 NEWEST := .venv-newest
+# Barman (point-in-time recovery) lives in its own virtualenv: see docker/barman-requirements.txt.
+BARMAN_VENV ?= .venv-barman
+BARMAN_STAMP := $(BARMAN_VENV)/.installed
 
 .PHONY: venv lock test test-newest test-unit test-integration test-monitoring lint fmt bench e2e
 .PHONY: test-kubernetes checkov k8s-generate
@@ -18,7 +21,13 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(BARMAN_STAMP): docker/barman-requirements.txt
+	test -x $(BARMAN_VENV)/bin/python || $(PYTHON) -m venv $(BARMAN_VENV)
+	$(BARMAN_VENV)/bin/pip install -q --upgrade pip
+	$(BARMAN_VENV)/bin/pip install -q -r docker/barman-requirements.txt
+	touch $(BARMAN_STAMP)
+
+venv: $(STAMP) $(BARMAN_STAMP)
 
 lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
@@ -34,12 +43,12 @@ $(CHECKOV_STAMP): tests/kubernetes/checkov-requirements.txt
 
 checkov: $(CHECKOV_STAMP)
 
-test: $(STAMP) $(CHECKOV_STAMP)
+test: $(STAMP) $(BARMAN_STAMP) $(CHECKOV_STAMP)
 	$(BIN)/pytest tests/unit tests/integration tests/monitoring tests/kubernetes
 
 # The same suite on the newest releases pyproject.toml's ranges admit (a virtualenv of its own,
 # upgraded on every run).
-test-newest:
+test-newest: $(BARMAN_STAMP)
 	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/pip install -q --upgrade pip
 	$(NEWEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
@@ -51,7 +60,7 @@ test-newest:
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(BARMAN_STAMP)
 	$(BIN)/pytest tests/integration
 
 test-monitoring: $(STAMP)
@@ -76,7 +85,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix db ops tests deploy
 
 # Benchmarks print ratios against a baseline measured in the same run; they assert no time.
-bench: $(STAMP)
+bench: $(STAMP) $(BARMAN_STAMP)
 	$(BIN)/pytest -s tests/benchmarks
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
@@ -85,11 +94,12 @@ bench: $(STAMP)
 # make psql | demo (WORKLOAD_MODE=saturate) | demo-stop | e2e
 # Each runs in the stack's containers (the sidecar for backups); `ops` on the host is for host
 # installs.
+# make recover [TIME='2026-11-28 14:05:00+00']   # point-in-time recovery of the live database
 STACK := $(PYTHON) docker/stack.py
 # A make variable as one shell word, whatever quotes it holds.
 quote = '$(subst ','\'',$(1))'
 
-.PHONY: up down ps logs backup backups verify restore psql demo demo-stop
+.PHONY: up down ps logs backup backups verify restore psql demo demo-stop recover
 
 up:
 	@$(STACK) up
@@ -118,6 +128,9 @@ restore:
 
 psql:
 	@$(STACK) psql
+
+recover:
+	@$(STACK) recover $(if $(TIME),--time $(call quote,$(TIME)))
 
 demo:
 	@$(STACK) demo

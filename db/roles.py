@@ -6,7 +6,9 @@
 - monitor (``MONITOR_DB_USER``): ``pg_monitor`` and CONNECT; it sees every session and
   statistics view but no table data.
 - backup (``BACKUP_DB_USER``): ``pg_read_all_data`` (SELECT on every table when the server
-  predates it), ``pg_monitor``, and CREATEDB for restore drills.
+  predates it), ``pg_monitor``, and CREATEDB for restore drills; for point-in-time recovery
+  (Barman streaming through a slot, pg_basebackup) REPLICATION, ``pg_checkpoint`` and EXECUTE
+  on the backup and WAL control functions, but not superuser.
 
 A role is only managed when its password is configured. Passwords never travel as SQL text:
 the SCRAM-SHA-256 verifier is computed client-side by libpq and only the verifier is sent, so
@@ -38,6 +40,17 @@ SCHEMA = "public"
 APP_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 READ_PRIVILEGES = ("SELECT",)
 SEQUENCE_PRIVILEGES = ("USAGE", "SELECT")
+# What Barman checks a non-superuser backup role for (pg_read_all_settings/_stats come with
+# pg_monitor), by server version: the backup control functions were renamed in 15.
+BACKUP_FUNCTIONS = {
+    15: ("pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"),
+    10: (
+        "pg_start_backup(text, boolean, boolean)",
+        "pg_stop_backup()",
+        "pg_stop_backup(boolean, boolean)",
+    ),
+}
+WAL_FUNCTIONS = ("pg_switch_wal()", "pg_create_restore_point(text)")
 # Migration bookkeeping is the migrating role's alone.
 PRIVATE_TABLES = ("alembic_version",)
 _VERIFIER = re.compile(
@@ -55,6 +68,10 @@ class RoleSpec:
 
     @property
     def createdb(self) -> bool:
+        return self.kind == "backup"
+
+    @property
+    def replication(self) -> bool:
         return self.kind == "backup"
 
 
@@ -127,6 +144,7 @@ class _Roles:
             self._scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
         )
         self.database = str(self._scalar("SELECT current_database()"))
+        self.server_version = int(self._scalar("SHOW server_version_num"))
 
     def _scalar(self, sql: str, **params: Any) -> Any:
         return self.connection.execute(text(sql), params).scalar()
@@ -153,7 +171,12 @@ class _Roles:
         assert spec.password is not None
         role = self.quote(spec.name)
         createdb = "CREATEDB" if spec.createdb else "NOCREATEDB"
-        attributes = f"LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT {createdb}"
+        # Only a superuser may give REPLICATION; without one it is left as it is, and said.
+        replication = spec.replication and self.is_superuser
+        if spec.replication and not self.is_superuser:
+            log.warning("not a superuser: cannot give %s REPLICATION (needed for PITR)", spec.name)
+        keyword = "REPLICATION" if replication else "NOREPLICATION"
+        attributes = f"LOGIN NOSUPERUSER NOCREATEROLE {keyword} NOBYPASSRLS INHERIT {createdb}"
         row = self.connection.execute(
             text(
                 "SELECT rolcanlogin, rolsuper, rolcreaterole, rolreplication, rolbypassrls,"
@@ -166,7 +189,8 @@ class _Roles:
             self._run(f"CREATE ROLE {role} {attributes} PASSWORD :verifier", verifier=verifier)
             result.changes.append("created")
             return
-        if tuple(row) != (True, False, False, False, False, True, spec.createdb):
+        wanted_replication = replication or (spec.replication and bool(row[3]))
+        if tuple(row) != (True, False, False, wanted_replication, False, True, spec.createdb):
             self._run(f"ALTER ROLE {role} {attributes}")
             result.changes.append("attributes")
         stored = None
@@ -290,6 +314,27 @@ class _Roles:
             self._grant_on(spec, "S", ("SELECT",), result)
             self._defaults(spec, "r", READ_PRIVILEGES, result)
         self._member(spec, "pg_monitor", result)
+        self._pitr(spec, result)
+
+    def _pitr(self, spec: RoleSpec, result: RoleResult) -> None:
+        """What Barman needs beyond REPLICATION: checkpoints, backup and WAL control."""
+        if not self.is_superuser:
+            log.warning("not a superuser: cannot grant %s the backup functions", spec.name)
+            return
+        if self._scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pg_checkpoint')"):
+            self._member(spec, "pg_checkpoint", result)
+        major = 15 if self.server_version >= 150000 else 10
+        granted = []
+        for function in (*BACKUP_FUNCTIONS[major], *WAL_FUNCTIONS):
+            if not self._scalar(
+                "SELECT has_function_privilege(:name, :function, 'EXECUTE')",
+                name=spec.name,
+                function=function,
+            ):
+                self._run(f"GRANT EXECUTE ON FUNCTION {function} TO {self.quote(spec.name)}")
+                granted.append(function.split("(")[0])
+        if granted:
+            result.changes.append(f"execute on {', '.join(granted)}")
 
     def lock_down_public_schema(self) -> list[str]:
         """Before PostgreSQL 15 every role may create objects in ``public``; take that away."""

@@ -3,7 +3,7 @@
 psql, demo, demo-stop.
 
 Standard library only, so it runs with any Python 3.9+ before the project's virtualenv exists.
-``up`` does what an operator would do by hand and no more: make sure a Docker engine answers,
+``recover`` is in recover.py. ``up`` does what an operator would do by hand and no more: make sure a Docker engine answers,
 create ``.env`` with generated secrets on the first run, build the project's image, start the
 services, then wait until each is healthy (or, for the one-shot init job, completed) and print
 where everything is. It is bounded: a service that never gets there is reported with its logs.
@@ -535,6 +535,15 @@ def cmd_psql(stack: Stack, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_recover(stack: Stack, args: argparse.Namespace) -> int:
+    # recover.py (beside this file) imports `stack`: let it find this very module, so the
+    # StackError it raises is the one main() catches.
+    sys.modules.setdefault("stack", sys.modules[__name__])
+    from recover import cmd_recover as recover
+
+    return recover(stack, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docker/stack.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -569,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--replace-live", action="store_true")
     restore.add_argument("--allow-postgres-db", action="store_true")
     restore.set_defaults(handler=cmd_restore)
+    recover = commands.add_parser(
+        "recover", help="recover the live database to a point in time (default: the latest)"
+    )
+    recover.add_argument("--time", default="", help="e.g. '2026-11-28 14:05:00+00'")
+    recover.set_defaults(handler=cmd_recover)
     psql = commands.add_parser("psql", help="psql as the database owner (extra arguments: psql's)")
     psql.set_defaults(handler=cmd_psql)
     return parser

@@ -19,6 +19,7 @@ COMMAND_MODULES = {
     "config": "ops.commands.config",
     "db": "ops.commands.db",
     "backup": "ops.commands.backup",
+    "pitr": "ops.commands.pitr",
     "workload": "ops.commands.workload",
     "serve": "ops.commands.serve",
 }

@@ -77,7 +77,15 @@ def build_components(settings: Settings, registry: CollectorRegistry) -> list[Co
     from ops.backup.service import BackupService
     from ops.collectors.exporter import ExporterService
 
-    return [ExporterService(settings, registry), BackupService(settings, registry)]
+    components: list[Component] = [
+        ExporterService(settings, registry),
+        BackupService(settings, registry),
+    ]
+    if settings.pitr.enabled:
+        from ops.pitr.service import PitrService
+
+        components.append(PitrService(settings, registry))
+    return components
 
 
 class Readiness:

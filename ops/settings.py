@@ -26,6 +26,7 @@ from db.settings import (
     read_postgres_url,
 )
 from ops.collectors.base import COLLECTOR_NAMES
+from ops.pitr.settings import PitrSettings, read_pitr_settings
 
 BACKUP_FORMATS = ("custom", "directory")
 LOG_FORMATS = ("text", "json")
@@ -123,6 +124,7 @@ class Settings:
     seed: SeedSettings
     backup: BackupSettings
     sidecar: SidecarSettings
+    pitr: PitrSettings = field(default_factory=PitrSettings)
 
 
 def read_backup_settings(reader: EnvReader) -> BackupSettings:
@@ -284,9 +286,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         seed=read_seed_settings(reader),
         backup=read_backup_settings(reader),
         sidecar=read_sidecar_settings(reader),
+        pitr=read_pitr_settings(reader),
     )
+    if settings.pitr.enabled:
+        _check_pitr_login(reader, settings.db)
     reader.finish()
     return settings
+
+
+def _check_pitr_login(reader: EnvReader, db: DbSettings) -> None:
+    """Barman gets the login through a conninfo and a passfile: both must be able to hold it."""
+    from ops.pitr.config import conninfo, passfile_text
+
+    try:
+        conninfo(db.url, "check")
+        passfile_text(db.url)
+    except ValueError as error:
+        reader.problem("PITR_ENABLED", "true", f"{error}; Barman cannot be given this login")
 
 
 def describe(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 The sidecar restores (and drills) as the backup role, which is not a superuser. A dump of the
 stack's database holds entries only a superuser can replay: an untrusted extension such as
-pg_stat_statements (and the comment on it), and default privileges set for another role. Left in,
+pg_stat_statements (and the comment on it), default privileges set for another role, and
+grants on system functions. Left in,
 each is an error and the restore counts as failed although every table and row came back. They
 are taken out of the list handed to ``pg_restore --use-list`` and named in a warning, so the
 operator knows what a superuser restore would add.
@@ -76,8 +77,10 @@ def _needs_superuser(entry: str, trusted_extensions: Collection[str]) -> bool:
     for pattern in (_EXTENSION, _EXTENSION_COMMENT):
         if (found := pattern.match(entry)) is not None:
             return found.group("name") not in trusted_extensions
-    # ALTER DEFAULT PRIVILEGES FOR ROLE <owner>: only that role's members or a superuser
-    return entry.startswith("DEFAULT ACL ")
+    # ALTER DEFAULT PRIVILEGES FOR ROLE <owner>: only that role's members or a superuser;
+    # grants on system functions (the backup role's pg_backup_start, pg_switch_wal, for PITR)
+    # belong to their owner, the bootstrap superuser.
+    return entry.startswith(("DEFAULT ACL ", "ACL pg_catalog "))
 
 
 def restore_rights(connection: Connection) -> tuple[bool, set[str]]:

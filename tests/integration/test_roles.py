@@ -240,3 +240,31 @@ def test_create_on_public_schema_is_taken_back_from_everyone(
     ]
     assert not allowed(as_role(specs[0]), "CREATE TABLE app_owned (id int)")
     assert "schema" not in ensure(admin, specs)
+
+
+def test_backup_role_may_stream_and_control_backups_but_is_no_superuser(
+    admin: Engine, specs: list[RoleSpec], as_role: Callable[[RoleSpec], Engine]
+) -> None:
+    """What Barman checks for a non-superuser (``has_backup_privileges``), granted once."""
+    first = ensure(admin, specs)
+    assert any(change.startswith("execute on pg_backup_start") for change in first["backup"])
+    with as_role(specs[2]).connect() as connection:
+        row = connection.execute(
+            text(
+                "SELECT rolreplication, rolsuper,"
+                " pg_has_role(current_user, 'pg_checkpoint', 'USAGE'),"
+                " pg_has_role(current_user, 'pg_read_all_settings', 'USAGE'),"
+                " has_function_privilege('pg_backup_start(text, boolean)', 'EXECUTE'),"
+                " has_function_privilege('pg_backup_stop(boolean)', 'EXECUTE'),"
+                " has_function_privilege('pg_switch_wal()', 'EXECUTE'),"
+                " has_function_privilege('pg_create_restore_point(text)', 'EXECUTE')"
+                " FROM pg_roles WHERE rolname = current_user"
+            )
+        ).one()
+    assert tuple(row) == (True, False, True, True, True, True, True, True)
+    for spec in specs[:2]:  # the app and monitor roles get none of it
+        with as_role(spec).connect() as connection:
+            assert not connection.execute(
+                text("SELECT rolreplication FROM pg_roles WHERE rolname = current_user")
+            ).scalar()
+    assert ensure(admin, specs)["backup"] == []

@@ -41,6 +41,12 @@ ALERTS = (
     "DbopsDeadlocks",
     "DbopsLongTransaction",
     "DbopsCollectorErrors",
+    "DbopsWalStreamingDown",
+    "DbopsWalSlotRetentionHigh",
+    "DbopsWalSlotLost",
+    "DbopsBaseBackupStale",
+    "DbopsPitrDrillFailed",
+    "DbopsPitrDrillStale",
 )
 
 

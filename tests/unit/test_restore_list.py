@@ -18,6 +18,7 @@ TOC = """;
 3600; 0 16420 TABLE DATA public agents dbops
 3400; 826 16500 DEFAULT ACL public DEFAULT PRIVILEGES FOR TABLES dbops
 3401; 0 0 ACL public TABLE agents dbops
+3402; 0 0 ACL pg_catalog FUNCTION pg_backup_start(label text, fast boolean) postgres
 """
 
 
@@ -31,6 +32,7 @@ def test_non_superuser_skips_untrusted_extensions_their_comments_and_default_acl
         "EXTENSION - pg_stat_statements",
         "COMMENT - EXTENSION pg_stat_statements",
         "DEFAULT ACL public DEFAULT PRIVILEGES FOR TABLES dbops",
+        "ACL pg_catalog FUNCTION pg_backup_start(label text, fast boolean) postgres",
     ]
     assert [line.split(" ", 3)[3] for line in _entries(plan.listing)] == [
         "EXTENSION - pgcrypto",
@@ -48,4 +50,4 @@ def test_superuser_restores_everything() -> None:
     plan = restorable(TOC, superuser=True, trusted_extensions=set())
     assert plan.skipped == []
     assert _entries(plan.listing) == _entries(TOC)
-    assert plan.entries == 8
+    assert plan.entries == 9

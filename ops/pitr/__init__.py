@@ -1,0 +1,1 @@
+"""Point-in-time recovery: Barman driven from the sidecar, in streaming mode."""
