@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.pitr_helpers import REPO, execute, pitr_env, start_pitr_cluster
 from tests.integration.test_backup_serve import get, metric
+from tests.monitoring.tools import rule_metrics
 from tests.pgcluster import Cluster, free_port, wait_for
 
 
@@ -83,6 +84,12 @@ def test_serve_streams_backs_up_exports_metrics_and_stops_streaming(
         promtool = shutil.which("promtool")
         assert promtool is not None, "promtool missing: install Debian's prometheus package"
         scraped = get(port, "/metrics")[1]
+        exported = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines()}
+        read_by_rules = [n for n in rule_metrics() if n.startswith("dbops_pitr_")]
+        assert len(read_by_rules) >= 6
+        # the last drill's result exists once a drill has run (tests/unit/test_pitr_metrics.py)
+        after_a_drill = {"dbops_pitr_drill_last_ok"}
+        assert [n for n in read_by_rules if n not in exported | after_a_drill] == []
         pitr_lines = "".join(line + "\n" for line in scraped.splitlines() if "dbops_pitr_" in line)
         check = subprocess.run(
             [promtool, "check", "metrics"], input=pitr_lines, capture_output=True, text=True

@@ -8,6 +8,7 @@ proof the rules and routes load.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,3 +109,12 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             found.append(panel)
     return found
+
+
+# a metric name in a PromQL expression (not a recording rule's name, not a function)
+RULE_METRIC = re.compile(r"(?<![:\w])(dbops_\w+|up)(?![:\w(])")
+
+
+def rule_metrics() -> list[str]:
+    """Every metric name the alert and recording rules read."""
+    return sorted({name for rule in rules() for name in RULE_METRIC.findall(rule["expr"])})
