@@ -428,8 +428,9 @@ def cmd_up(stack: Stack, args: argparse.Namespace) -> int:
         for label, url in stack.graph_links():
             print(f"    {label:20} {url}")
     print(
-        "  The platform admin's password is ADMIN_PASSWORD in .env. Pending by design: "
-        "DbopsBackupVerifyStale waits for the first backups to be two days old."
+        "  The platform admin's password is ADMIN_PASSWORD in .env. In the first minute, "
+        "DbopsWalStreamingDown and DbopsBaseBackupStale may be pending while streaming and "
+        "the first base backup start; they clear by themselves."
     )
     return 0
 
