@@ -116,12 +116,12 @@ class Barman:
             base += ["-f", "json"]
         return [*base, *args]
 
-    def run(
-        self, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True
+    def _invoke(
+        self, args: tuple[str, ...], timeout: float, json_output: bool = False
     ) -> subprocess.CompletedProcess[str]:
         try:
-            result = subprocess.run(
-                self.command(*args),
+            return subprocess.run(
+                self.command(*args, json_output=json_output),
                 env=barman_environment(self.settings),
                 capture_output=True,
                 text=True,
@@ -133,26 +133,18 @@ class Barman:
             raise BarmanError(f"barman {args[0]} did not finish within {timeout:g}s") from None
         except OSError as error:
             raise BarmanError(f"cannot run {self.settings.barman}: {error.strerror}") from None
+
+    def run(
+        self, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = self._invoke(args, timeout)
         if check and result.returncode != 0:
             raise BarmanError(f"barman {args[0]}: {_error_of(result.stdout, result.stderr)}")
         return result
 
     def run_json(self, *args: str, timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> Any:
         """The server's part of Barman's JSON answer (``{"dbops": ...}``)."""
-        try:
-            result = subprocess.run(
-                self.command(*args, json_output=True),
-                env=barman_environment(self.settings),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise BarmanError(f"barman {args[0]} did not finish within {timeout:g}s") from None
-        except OSError as error:
-            raise BarmanError(f"cannot run {self.settings.barman}: {error.strerror}") from None
+        result = self._invoke(args, timeout, json_output=True)
         try:
             data = json.loads(result.stdout)
         except ValueError:
