@@ -26,7 +26,7 @@ from db.settings import (
     read_postgres_url,
 )
 from ops.collectors.base import COLLECTOR_NAMES
-from ops.pitr.settings import PitrSettings, read_pitr_settings
+from ops.pitr.settings import PitrSettings, read_bounded_duration, read_pitr_settings
 
 BACKUP_FORMATS = ("custom", "directory")
 LOG_FORMATS = ("text", "json")
@@ -206,21 +206,11 @@ def read_sidecar_settings(reader: EnvReader) -> SidecarSettings:
         alerts_token=_read_alerts_token(reader),
         http_threads=reader.integer("OPS_HTTP_THREADS", 8, minimum=1, maximum=64),
         http_connections=reader.integer("OPS_HTTP_CONNECTIONS", 2000, minimum=16, maximum=65536),
-        http_idle_timeout=_bounded_duration(reader, "OPS_HTTP_IDLE_TIMEOUT", 15.0, 1.0, 3600.0),
+        http_idle_timeout=read_bounded_duration(reader, "OPS_HTTP_IDLE_TIMEOUT", 15.0, 1.0, 3600.0),
         http_backlog=reader.integer("OPS_HTTP_BACKLOG", 1024, minimum=1, maximum=65535),
-        http_deadline=_bounded_duration(reader, "OPS_HTTP_DEADLINE", 5.0, 1.0, 300.0),
+        http_deadline=read_bounded_duration(reader, "OPS_HTTP_DEADLINE", 5.0, 1.0, 300.0),
         disabled_collectors=_read_disabled_collectors(reader),
     )
-
-
-def _bounded_duration(
-    reader: EnvReader, name: str, default: float, minimum: float, maximum: float
-) -> float:
-    seconds = reader.duration(name, default, minimum=minimum)
-    if seconds > maximum:
-        reader.problem(name, reader.raw(name), f"must be at most {maximum:g}s")
-        return default
-    return seconds
 
 
 _TOKEN = re.compile(r"^[\x21-\x7e]{16,4096}$")

@@ -98,21 +98,21 @@ def read_pitr_settings(reader: EnvReader) -> PitrSettings:
         min_redundancy=reader.integer(
             "PITR_MIN_REDUNDANCY", PitrSettings.min_redundancy, minimum=1, maximum=1000
         ),
-        archive_timeout=_read_bounded_duration(
+        archive_timeout=read_bounded_duration(
             reader, "PITR_ARCHIVE_TIMEOUT", PitrSettings.archive_timeout, 1.0, 86400.0
         ),
         max_slot_wal_keep_size=_read_slot_keep_size(reader),
         drill_schedule=schedules["PITR_DRILL_SCHEDULE"],
         drill_source=reader.choice("PITR_DRILL_SOURCE", PitrSettings.drill_source, DRILL_SOURCES),
         slot_name=_read_slot_name(reader),
-        streaming_down_limit=_read_bounded_duration(
+        streaming_down_limit=read_bounded_duration(
             reader,
             "PITR_STREAMING_DOWN_LIMIT",
             PitrSettings.streaming_down_limit,
             10.0,
             7 * 86400.0,
         ),
-        cron_interval=_read_bounded_duration(
+        cron_interval=read_bounded_duration(
             reader, "PITR_CRON_INTERVAL", PitrSettings.cron_interval, 5.0, 3600.0
         ),
         barman=_read_barman(reader, enabled),
@@ -127,9 +127,11 @@ def _read_directory(reader: EnvReader) -> Path:
     return Path(text)
 
 
-def _read_bounded_duration(
+def read_bounded_duration(
     reader: EnvReader, name: str, default: float, minimum: float, maximum: float
 ) -> float:
+    """A duration from ``minimum`` up to a bound of the setting's own (the sidecar's settings
+    use it too)."""
     seconds = reader.duration(name, default, minimum=minimum)
     if seconds > maximum:
         reader.problem(name, reader.raw(name), f"must be at most {maximum:g}s")
