@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
 from db.errors import error_line
@@ -103,10 +104,16 @@ def run_backup(args: argparse.Namespace) -> int:
             print(f"retention failed (backup kept): {error}", file=sys.stderr)
 
     try:
-        manifest = run(settings, progress=progress if tty else None, after_success=retention)
+        manifest = run(
+            settings,
+            progress=progress if tty else None,
+            cancel=_stopping,
+            after_success=retention,
+        )
     except LockHeld as held:
         return _fail(f"backup not started: {held}")
     except BackupError as error:
+        _unless_stopping()  # cancelled by a SIGTERM whose KeyboardInterrupt was lost
         return _fail(f"{chr(10) if tty else ''}backup failed: {error}")
     finally:
         if tty:
@@ -123,13 +130,27 @@ def run_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_stopping = threading.Event()
+
+
 def _interrupt_on_sigterm() -> None:
-    """``docker stop`` sends SIGTERM: unwind like Ctrl-C so the run removes its temporaries."""
+    """``docker stop`` sends SIGTERM: unwind like Ctrl-C so the run removes its temporaries.
+
+    The raised KeyboardInterrupt is lost when the signal lands in code whose exceptions
+    Python ignores (an at-fork callback while a child starts, a finalizer), so the request
+    is also kept in ``_stopping``, which the run checks as it goes (:func:`_unless_stopping`).
+    """
 
     def interrupt(signum: int, frame: object) -> None:
+        _stopping.set()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def _unless_stopping() -> None:
+    if _stopping.is_set():
+        raise KeyboardInterrupt
 
 
 def _verified(manifest: Any) -> str:
@@ -221,6 +242,7 @@ def run_restore(args: argparse.Namespace) -> int:
     last_shown = [-1]
 
     def progress(done: int, total: int, item: str) -> None:
+        _unless_stopping()
         if tty:
             print(f"\r\x1b[K[{done}/{total}] {item[:70]}", end="", file=sys.stderr)
         elif total and done * 10 // total != last_shown[0]:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,21 +135,32 @@ def run_held_by_lock(url: URL, directory: Path, settings: Settings) -> Iterator[
         engine.dispose()
 
 
+# ``python -c LOST_SIGTERM <ops arguments>`` runs the CLI and sends it SIGTERM each time it
+# starts a child process. Python runs the handler inside logging's at-fork callback and
+# ignores the KeyboardInterrupt it raises: only a stop request the run keeps can stop it.
+LOST_SIGTERM = """
+import os, signal, sys
+from ops.cli import main
+os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.SIGTERM), len("x")))
+sys.exit(main())
+"""
+
+
 @contextmanager
 def cli_run_held_by_lock(
-    url: URL, directory: Path, capture: bool = True
+    url: URL, directory: Path, capture: bool = True, launcher: Sequence[str] = ("-m", "ops.cli")
 ) -> Iterator[subprocess.Popen[str]]:
     """``ops backup run`` as a separate process while another transaction holds ACCESS
     EXCLUSIVE on ``payload``: yielded once its pg_dump has started (and waits). The lock is
     released when the block ends; the process is the caller's to end. ``capture=False`` sends
-    its output to /dev/null instead of pipes."""
+    its output to /dev/null instead of pipes; ``launcher`` is what python runs (``-m ops.cli``)."""
     output = subprocess.PIPE if capture else subprocess.DEVNULL
     engine = create_engine(url)
     connection = engine.connect()
     connection.execute(text("LOCK TABLE payload IN ACCESS EXCLUSIVE MODE"))
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "backup", "run"],
+            [sys.executable, *launcher, "backup", "run"],
             env=env_for(url, BACKUP_DIR=str(directory)),
             cwd=REPO,
             stdout=output,

@@ -20,6 +20,7 @@ from ops.backup.runner import BackupError, run_backup
 from ops.backup.verify import check
 from tests.conftest import Server
 from tests.integration.backup_helpers import (
+    LOST_SIGTERM,
     cli_run_held_by_lock,
     ops,
     pg_dump_processes,
@@ -171,6 +172,22 @@ def test_interrupted_cli_run_leaves_nothing_that_looks_like_a_backup(
     assert _leftovers(tmp_path) == []
     assert BackupDirectory(tmp_path).backups(str(source.database)) == []
     assert "interrupted" in stderr
+
+
+def test_a_sigterm_lost_while_pg_dump_starts_still_stops_the_cli_run(
+    source: URL, tmp_path: Path
+) -> None:
+    with cli_run_held_by_lock(source, tmp_path, launcher=("-c", LOST_SIGTERM)) as process:
+        try:  # it must stop by itself: nobody else signals it
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "Exception ignored" in stderr  # the interrupt really was lost
+    assert process.returncode == 130, stderr
+    assert pg_dump_processes(tmp_path) == []
+    assert _leftovers(tmp_path) == []
+    assert BackupDirectory(tmp_path).backups(str(source.database)) == []
 
 
 def test_every_session_of_a_running_backup_is_left_out_of_the_longest_transaction(

@@ -27,7 +27,14 @@ from ops.backup.runner import run_backup
 from ops.backup.target import STAGING_PREFIX, kept_name
 from ops.backup.toc import read_toc
 from tests.conftest import Server, env_for
-from tests.integration.backup_helpers import REPO, data_only_dump, ops, populate, settings_for
+from tests.integration.backup_helpers import (
+    LOST_SIGTERM,
+    REPO,
+    data_only_dump,
+    ops,
+    populate,
+    settings_for,
+)
 from tests.pgcluster import wait_for
 
 COUNTED = ("public.payload", '"Odd Schema"."Mixed Case"')
@@ -415,6 +422,27 @@ def test_a_restore_stopped_with_sigterm_drops_its_staging_database(
             process.kill()
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
+    assert databases(pg) == before
+    assert pg_restore_processes() == []
+
+
+def test_a_sigterm_lost_while_a_child_starts_still_stops_the_restore(
+    pg: Server, migrated_db: URL, tmp_path: Path
+) -> None:
+    populate(migrated_db, rows=3_000)
+    backup = run_backup(settings_for(migrated_db, tmp_path))
+    before = databases(pg)
+    target = f"{migrated_db.database}_lost_signal"
+    stopped = subprocess.run(
+        [sys.executable, "-c", LOST_SIGTERM, "backup", "restore", backup.id, "--target-db", target],
+        env=env_for(migrated_db, BACKUP_DIR=str(tmp_path)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Exception ignored" in stopped.stderr  # the interrupt really was lost
+    assert stopped.returncode == 130, stopped.stderr
     assert databases(pg) == before
     assert pg_restore_processes() == []
 
