@@ -26,6 +26,7 @@ from db.settings import (
     read_postgres_url,
 )
 from ops.collectors.base import COLLECTOR_NAMES
+from ops.offsite.settings import OffsiteSettings, read_offsite_settings
 from ops.pitr.settings import PitrSettings, read_bounded_duration, read_pitr_settings
 
 BACKUP_FORMATS = ("custom", "directory")
@@ -125,6 +126,7 @@ class Settings:
     backup: BackupSettings
     sidecar: SidecarSettings
     pitr: PitrSettings = field(default_factory=PitrSettings)
+    offsite: OffsiteSettings = field(default_factory=OffsiteSettings)
 
 
 def read_backup_settings(reader: EnvReader) -> BackupSettings:
@@ -277,6 +279,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         backup=read_backup_settings(reader),
         sidecar=read_sidecar_settings(reader),
         pitr=read_pitr_settings(reader),
+        offsite=read_offsite_settings(reader),
     )
     if settings.pitr.enabled:
         _check_pitr_login(reader, settings.db)
