@@ -77,10 +77,14 @@ def build_components(settings: Settings, registry: CollectorRegistry) -> list[Co
     from ops.backup.service import BackupService
     from ops.collectors.exporter import ExporterService
 
-    components: list[Component] = [
-        ExporterService(settings, registry),
-        BackupService(settings, registry),
-    ]
+    backups = BackupService(settings, registry)
+    components: list[Component] = [ExporterService(settings, registry), backups]
+    if settings.offsite.enabled:
+        from ops.offsite.dumpservice import DumpShippingService
+
+        dumps = DumpShippingService(settings, registry)
+        backups.after_verification = dumps.verified
+        components.append(dumps)
     if settings.pitr.enabled:
         from ops.pitr.service import PitrService
 

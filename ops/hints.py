@@ -13,6 +13,7 @@ import os
 # ops spelling -> make spelling (the targets and variables in the Makefile)
 MAKE_SPELLING = {
     "ops backup list": "make backups",
+    "ops backup list --offsite": "make backups FROM=offsite",
     "ops backup run": "make backup",
     "ops backup verify --drill": "make verify DRILL=1",
     "ops backup restore": "make restore",

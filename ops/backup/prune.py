@@ -74,6 +74,7 @@ def plan_prune(
     plan = retention_for(settings.backup).plan(
         (candidate(m) for m in backups.values()), now=now, protected=protected
     )
+    _keep_queued(settings, plan)
     for future in plan.future:
         log.warning(
             "backup %s is dated in the future (%s); kept, and not trusted for retention",
@@ -81,6 +82,20 @@ def plan_prune(
             backups[future.id].started_at,
         )
     return PruneResult(plan, backups, invalid=dict(store.invalid))
+
+
+def _keep_queued(settings: Settings, plan: RetentionPlan) -> None:
+    """A backup still waiting for the off-host store is kept: deleting it would lose the only
+    copy the store was going to get (its queue is read from ``OFFSITE_DIR``, no store call)."""
+    if not settings.offsite.enabled:
+        return
+    from ops.offsite.dumpqueue import queued_ids
+
+    queued = queued_ids(settings.offsite.directory)
+    for doomed in list(plan.delete):
+        if doomed.id in queued:
+            plan.delete.remove(doomed)
+            plan.keep.setdefault(doomed.id, []).append("queued for the off-host store")
 
 
 def prune(

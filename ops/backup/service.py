@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,6 +69,8 @@ class BackupService:
         self._running_lock = threading.Lock()
         self._scheduler: BaseScheduler | None = None
         self._started = time.time()
+        # Called with the re-read manifest after a drill passes (off-host copies queue it).
+        self.after_verification: Callable[[Manifest], None] | None = None
         registry.register(BackupCollector(settings, self.in_progress, self.next_run))
 
     # -- Component protocol ---------------------------------------------------------------
@@ -204,8 +207,11 @@ class BackupService:
         with self._running_lock:
             self._drilling += 1
         try:
-            verification = drill(self.settings, resolve(self.settings, None), self._cancel)
+            manifest = resolve(self.settings, None)
+            verification = drill(self.settings, manifest, self._cancel)
             self.counters.verifications.labels("ok" if verification.ok else "failed").inc()
+            if verification.ok:
+                self._verified(manifest.id)
         except DrillCancelled as cancelled:
             log.warning("%s", cancelled)
         except (VerifyError, LockHeld, OSError) as problem:
@@ -218,6 +224,18 @@ class BackupService:
             with self._running_lock:
                 self._drilling -= 1
             release_freed_memory()
+
+    def _verified(self, backup_id: str) -> None:
+        """Hand a freshly verified backup to :attr:`after_verification`; never fails the job."""
+        if self.after_verification is None:
+            return
+        manifest = self.store.get(backup_id)
+        if manifest is None or not manifest.verified:
+            return
+        try:
+            self.after_verification(manifest)
+        except Exception:
+            log.exception("after verification of %s", backup_id)
 
     # -- state for metrics --------------------------------------------------------------------
     def in_progress(self) -> int:

@@ -1,4 +1,5 @@
-"""``ops backup run | list | verify [ID] | restore ID --target-db NAME | prune``."""
+"""``ops backup run | list [--offsite] | verify [ID] | restore ID --target-db NAME [--from offsite]
+| ship | prune [--offsite]``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def register(commands: Any) -> None:
     listing = actions.add_parser("list", help="good backups of the configured database")
     listing.add_argument("--json", action="store_true", help="print as JSON")
     listing.add_argument("--all", action="store_true", help="include failed runs")
+    listing.add_argument(
+        "--offsite", action="store_true", help="the dumps in the off-host store (OFFSITE_S3_URL)"
+    )
     listing.set_defaults(handler=run_list)
 
     verify = actions.add_parser("verify", help="check a backup (default: the newest)")
@@ -62,11 +66,27 @@ def register(commands: Any) -> None:
         help="allow the maintenance database postgres as the target",
     )
     restore.add_argument("-j", "--jobs", type=int, default=None, help="parallel restore jobs")
+    restore.add_argument(
+        "--from",
+        dest="source",
+        choices=("local", "offsite"),
+        default="local",
+        help="offsite: download the dump from the off-host store first (OFFSITE_S3_URL)",
+    )
     restore.set_defaults(handler=run_restore)
+
+    ship = actions.add_parser(
+        "ship", help="copy verified backups not yet off host to the store now"
+    )
+    ship.add_argument("--json", action="store_true", help="print the result as JSON")
+    ship.set_defaults(handler=run_ship)
 
     prune = actions.add_parser("prune", help="apply the retention policy")
     prune.add_argument("--dry-run", action="store_true", help="show what would be deleted")
     prune.add_argument("--json", action="store_true", help="print as JSON")
+    prune.add_argument(
+        "--offsite", action="store_true", help="apply retention to the off-host copies instead"
+    )
     prune.set_defaults(handler=run_prune)
 
 
@@ -181,6 +201,10 @@ def run_list(args: argparse.Namespace) -> int:
     from ops.backup.manifest import BackupDirectory
 
     settings = load_settings()
+    if args.offsite:
+        from ops.commands import backup_offsite
+
+        return backup_offsite.run_list(args, settings, _row)
     store = BackupDirectory(settings.backup.directory)
     database = settings.db.database
     try:
@@ -231,13 +255,27 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    settings: Settings = load_settings()
+    if args.source == "offsite":
+        from ops.commands import backup_offsite
+
+        return backup_offsite.run_restore(args, settings, lambda local: _restore(args, local))
+    return _restore(args, settings)
+
+
+def run_ship(args: argparse.Namespace) -> int:
+    from ops.commands import backup_offsite
+
+    return backup_offsite.run_ship(args, load_settings())
+
+
+def _restore(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from ops.backup.pgtools import ToolError
     from ops.backup.restore import RestoreError, restore_backup
     from ops.backup.target import TargetError
 
-    settings: Settings = load_settings()
     tty = sys.stderr.isatty()
     last_shown = [-1]
 
@@ -305,6 +343,10 @@ def run_prune(args: argparse.Namespace) -> int:
     from ops.backup.prune import prune
 
     settings = load_settings()
+    if args.offsite:
+        from ops.commands import backup_offsite
+
+        return backup_offsite.run_prune(args, settings)
     try:
         result = prune(settings, dry_run=args.dry_run)
     except LockHeld as held:
