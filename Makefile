@@ -89,8 +89,8 @@ bench: $(STAMP) $(BARMAN_STAMP)
 	$(BIN)/pytest -s tests/benchmarks
 
 # --- The stack (docker-compose.yml); the logic lives in docker/stack.py --------------------------
-# make up | down | ps | logs [SERVICE=ops] | backup | backups | verify [ID=...] [DRILL=1]
-# make restore ID=... [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1]
+# make up | down | ps | logs [SERVICE=ops] | backup | backups [FROM=offsite] | verify [ID=...] [DRILL=1]
+# make restore ID=... [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1] [FROM=offsite]
 # make psql | demo (WORKLOAD_MODE=saturate) | demo-stop | e2e
 # Each runs in the stack's containers (the sidecar for backups); `ops` on the host is for host
 # installs.
@@ -117,14 +117,14 @@ backup:
 	@$(STACK) backup
 
 backups:
-	@$(STACK) backups $(if $(ALL),--all)
+	@$(STACK) backups $(if $(ALL),--all) $(if $(FROM),--from=$(call quote,$(FROM)))
 
 verify:
 	@$(STACK) verify $(if $(DRILL),--drill) $(if $(ID),-- $(call quote,$(ID)))
 
 restore:
-	@test -n $(call quote,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1] (make backups lists the ids)" >&2; exit 2; }
-	@$(STACK) restore $(if $(TARGET_DB),--target-db=$(call quote,$(TARGET_DB))) $(if $(FORCE),--force) $(if $(REPLACE_LIVE),--replace-live) $(if $(ALLOW_POSTGRES_DB),--allow-postgres-db) -- $(call quote,$(ID))
+	@test -n $(call quote,$(ID)) || { echo "usage: make restore ID=<backup id> [TARGET_DB=name] [FORCE=1] [REPLACE_LIVE=1] [ALLOW_POSTGRES_DB=1] [FROM=offsite] (make backups [FROM=offsite] lists the ids)" >&2; exit 2; }
+	@$(STACK) restore $(if $(FROM),--from=$(call quote,$(FROM))) $(if $(TARGET_DB),--target-db=$(call quote,$(TARGET_DB))) $(if $(FORCE),--force) $(if $(REPLACE_LIVE),--replace-live) $(if $(ALLOW_POSTGRES_DB),--allow-postgres-db) -- $(call quote,$(ID))
 
 psql:
 	@$(STACK) psql

@@ -489,8 +489,18 @@ def cmd_backup(stack: Stack, args: argparse.Namespace) -> int:
     return ops_in_sidecar(stack, "backup", "run")
 
 
+def source_args(value: str, offsite: list[str]) -> list[str]:
+    """``FROM=`` as ops's option: nothing for local, ``offsite`` for the off-host store."""
+    if value in ("", "local"):
+        return []
+    if value == "offsite":
+        return offsite
+    raise StackError(f"FROM={value}: must be local or offsite", EXIT_USAGE)
+
+
 def cmd_backups(stack: Stack, args: argparse.Namespace) -> int:
-    return ops_in_sidecar(stack, "backup", "list", *(["--all"] if args.all else []))
+    where = source_args(args.source, ["--offsite"])
+    return ops_in_sidecar(stack, "backup", "list", *where, *(["--all"] if args.all else []))
 
 
 def cmd_verify(stack: Stack, args: argparse.Namespace) -> int:
@@ -517,6 +527,7 @@ def restore_compose_args(stack: Stack, args: argparse.Namespace) -> list[str]:
     command += ["--force"] if args.force else []
     command += ["--replace-live"] if args.replace_live else []
     command += ["--allow-postgres-db"] if args.allow_postgres_db else []
+    command += source_args(args.source, ["--from=offsite"])
     command += ["--", args.id]
     hints = ["-e", "OPS_HINTS=make"]  # messages name FORCE=1, not --force
     if args.replace_live:
@@ -565,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("backup", help="run a backup now").set_defaults(handler=cmd_backup)
     backups = commands.add_parser("backups", help="list the sidecar's backups")
     backups.add_argument("--all", action="store_true", help="include failed runs")
+    backups.add_argument("--from", dest="source", default="", help="offsite: the store's")
     backups.set_defaults(handler=cmd_backups)
     verify = commands.add_parser("verify", help="verify a backup (default: the newest)")
     verify.add_argument("id", nargs="?", default="")
@@ -578,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--force", action="store_true")
     restore.add_argument("--replace-live", action="store_true")
     restore.add_argument("--allow-postgres-db", action="store_true")
+    restore.add_argument("--from", dest="source", default="", help="offsite: from the store")
     restore.set_defaults(handler=cmd_restore)
     recover = commands.add_parser(
         "recover", help="recover the live database to a point in time (default: the latest)"

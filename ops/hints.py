@@ -21,6 +21,7 @@ MAKE_SPELLING = {
     "--target-db": "TARGET_DB",
     "--replace-live": "REPLACE_LIVE=1",
     "--allow-postgres-db": "ALLOW_POSTGRES_DB=1",
+    "--from offsite": "FROM=offsite",
 }
 
 

@@ -104,7 +104,8 @@ class LocalUnavailable(Exception):
 
 
 class Busy(Exception):
-    """A reader or retention holds the backup right now; try again on the next run."""
+    """Retention holds the backup, or the backup directory cannot be read right now: the
+    backup keeps its place and is tried again on the next run."""
 
 
 @dataclass
@@ -206,7 +207,7 @@ def ship_pending(
                     current.remove(entry.id)
                 continue
             except Busy as busy:
-                log.info("backup %s not shipped this time: %s", entry.id, busy)
+                log.warning("backup %s not shipped this time: %s", entry.id, busy)
                 break  # keep the order: nothing behind it goes first
             except StoreError as error:
                 report.error = error
@@ -266,8 +267,8 @@ def ship_one(settings: Settings, s3: BaseClient, backup_id: str, transfer: Trans
         raise Busy(str(held)) from None
     except (UnsafeEntry, ManifestInvalid) as problem:
         raise LocalUnavailable(str(problem)) from None
-    except OSError as problem:
-        raise LocalUnavailable(f"{problem.filename or store.root}: {problem.strerror}") from None
+    except OSError as problem:  # EIO, EACCES...: maybe passing; the backup keeps its place
+        raise Busy(f"{problem.filename or store.root}: {problem.strerror}") from None
 
 
 def _local_manifest(store: BackupDirectory, backup_id: str) -> tuple[bytes, Manifest]:

@@ -233,3 +233,15 @@ def test_replacing_the_live_database_runs_as_its_owner_in_a_one_off_init_contain
     assert args[:4] == ["run", "--rm", "--no-deps", "-T"]
     assert args[6:9] == ["db-init", "backup", "restore"]
     assert {"--force", "--replace-live"} <= set(args) and args[-2:] == ["--", "ID"]
+
+
+def test_restore_from_offsite_passes_the_source_to_ops_before_the_id() -> None:
+    args = restore_args(["ID", "--from=offsite"])
+    assert args[-3:] == ["--from=offsite", "--", "ID"]
+    assert "--from=offsite" not in restore_args(["ID", "--from=local"])
+
+
+def test_an_unknown_from_is_a_usage_error_naming_the_make_variable() -> None:
+    with pytest.raises(stack.StackError) as caught:
+        restore_args(["ID", "--from=tape"])
+    assert caught.value.code == stack.EXIT_USAGE and str(caught.value).startswith("FROM=tape:")
