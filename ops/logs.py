@@ -9,7 +9,17 @@ from datetime import UTC, datetime
 
 from db.redact import redact
 
-QUIET_LOGGERS = ("alembic.runtime.migration", "alembic.runtime.plugins", "apscheduler")
+# The AWS SDK's debug lines hold request headers, the access key id among them (Credential=…):
+# never below WARNING, whatever OPS_LOG_LEVEL says.
+QUIET_LOGGERS = (
+    "alembic.runtime.migration",
+    "alembic.runtime.plugins",
+    "apscheduler",
+    "boto3",
+    "botocore",
+    "s3transfer",
+    "urllib3",
+)
 
 
 class JsonFormatter(logging.Formatter):

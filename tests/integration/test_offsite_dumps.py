@@ -4,9 +4,14 @@ a missing bucket, hostile objects in the store, and retention that leaves others
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +35,8 @@ from ops.offsite.dumps import (
 )
 from ops.offsite.dumpservice import DumpShippingService
 from ops.settings import Settings
-from tests.conftest import Server
-from tests.integration.backup_helpers import ops, populate, settings_for
+from tests.conftest import Server, env_for
+from tests.integration.backup_helpers import REPO, ops, populate, settings_for
 from tests.objectstore import ObjectStore, bucket, object_store  # noqa: F401
 
 
@@ -84,6 +89,32 @@ def database_exists(pg: Server, name: str) -> bool:
         )
 
 
+def ops_watching_ps(
+    url: URL, directory: Path, *args: str, **extra: str
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``ops ARGS`` with the command line of every process seen while it runs (what ``ps``
+    shows: pg_restore and any other child included)."""
+    env = env_for(url, BACKUP_DIR=str(directory), **extra)
+    seen: set[str] = set()
+    with subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError):
+                        seen.add((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            time.sleep(0.02)
+        out, err = process.communicate(timeout=5)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), seen
+
+
 def no_secret(store: ObjectStore, *texts: str) -> None:
     for shown in texts:
         assert store.secret_access_key not in shown
@@ -118,12 +149,14 @@ def test_dump_round_trip_restores_from_the_store_with_no_local_backups(
     listed = ops(source, backups, "backup", "list", "--offsite", **env)
     assert listed.returncode == 0, listed.stderr
     assert backup_id in listed.stdout
-    restored = ops(
+    restored, commands = ops_watching_ps(
         source, backups, "backup", "restore", "--from", "offsite", backup_id,
         f"--target-db={target}", **env,
     )  # fmt: skip
     assert restored.returncode == 0, restored.stderr
     assert row_counts(pg.url(target)) == row_counts(source) == {"payload": 2000, "mixed": 50}
+    assert any("pg_restore" in command for command in commands)  # the watch saw the children
+    no_secret(object_store, *commands)
     assert not backups.exists()  # nothing was left behind where the backups were
     no_secret(object_store, shipped.stdout, shipped.stderr, restored.stdout, restored.stderr)
     no_secret(object_store, listed.stdout, listed.stderr)
@@ -436,6 +469,28 @@ def test_sidecar_queues_a_backup_when_its_drill_passes_and_ships_it(
     tmp_path: Path,
     object_store: ObjectStore,  # noqa: F811
     bucket: str,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+
+    from ops.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    setup_logging(level="debug")  # even at debug, the SDK's request logs stay out
+    root.addHandler(caplog.handler)
+    try:
+        ship_through_the_sidecar(source, backups, tmp_path, object_store, bucket, caplog)
+    finally:
+        root.handlers[:], root.level = saved
+
+
+def ship_through_the_sidecar(
+    source: URL,
+    backups: Path,
+    tmp_path: Path,
+    object_store: ObjectStore,  # noqa: F811
+    bucket: str,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from prometheus_client import CollectorRegistry
 
@@ -455,6 +510,8 @@ def test_sidecar_queues_a_backup_when_its_drill_passes_and_ships_it(
     value = registry.get_sample_value("dbops_offsite_dump_last_shipped_timestamp_seconds")
     assert value is not None and value > 0
     assert any(k.endswith(f"/{taken.id}.json") for k in object_store.keys(bucket))
+    assert f"backup {taken.id} shipped to the off-host store" in caplog.text
+    no_secret(object_store, caplog.text)
 
 
 def test_without_offsite_url_the_sidecar_has_no_dump_shipping(source: URL, backups: Path) -> None:
