@@ -147,15 +147,17 @@ def enqueue(settings: Settings, manifest: Manifest) -> bool:
     return added
 
 
-def catch_up(settings: Settings) -> list[str]:
+def catch_up(settings: Settings, store: BackupDirectory | None = None) -> list[str]:
     """Queue every verified local backup that is neither shipped nor queued; forget shipped
-    ids that are no longer in the backup directory (the record stays bounded)."""
-    store = BackupDirectory(settings.backup.directory)
-    backups = store.backups(settings.db.database)
+    ids that are no longer in the backup directory (the record stays bounded). The sidecar
+    passes its ``store`` with the manifest cache, since it scans every minute."""
+    store = store if store is not None else BackupDirectory(settings.backup.directory)
+    manifests = store.manifests()
+    backups = store.backups(settings.db.database, manifests)
     added = []
     now = time.time()
     with DumpQueue(settings.offsite.directory).update() as state:
-        local = {m.id for m in store.manifests()}
+        local = {m.id for m in manifests}
         state.shipped = {i: t for i, t in state.shipped.items() if i in local}
         for manifest in backups:
             if manifest.verified and state.add(

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ops.backup.manifest import Manifest
+from ops.backup.manifest import BackupDirectory, Manifest
 from ops.memory import release_freed_memory
 from ops.offsite.dumps import (
     DumpShipping,
@@ -58,6 +58,10 @@ class DumpShippedCollector(Collector):
 
 
 class DumpShippingService:
+    """``registry``: where :class:`DumpShippedCollector` goes (``None`` when the shared
+    off-host metrics export the family); ``on_failure``: called with the kind of each failed
+    upload (the shared ``dbops_offsite_upload_failures_total{what="dump"}``)."""
+
     name = "offsite-dumps"
 
     def __init__(
@@ -70,6 +74,7 @@ class DumpShippingService:
         self.on_failure = on_failure
         self._cancel = threading.Event()
         self._scheduler: BaseScheduler | None = None
+        self._store = BackupDirectory(settings.backup.directory, cache=True)
         if registry is not None:
             registry.register(DumpShippedCollector(settings.offsite))
 
@@ -115,7 +120,7 @@ class DumpShippingService:
     # -- the job ------------------------------------------------------------------------------
     def ship_job(self) -> None:
         try:
-            catch_up(self.settings)
+            catch_up(self.settings, self._store)
             report = ship_pending(self.settings, on_failure=self.on_failure, cancel=self._cancel)
             if report.shipped:
                 self._retention()

@@ -197,13 +197,15 @@ def test_directory_format_dump_goes_up_in_parts_and_comes_back(
     assert report.shipped == [backup_id] and report.error is None
     assert len(parts) >= 2, "the biggest file should have gone up in several parts"
 
-    shutil.rmtree(backups)
+    before = sorted(p.name for p in backups.iterdir())
     restored = ops(
         source, backups, "backup", "restore", "--from", "offsite", backup_id,
         f"--target-db={target}", **env,
     )  # fmt: skip
     assert restored.returncode == 0, restored.stderr
     assert row_counts(pg.url(target)) == row_counts(source)
+    # the staging directory (inside BACKUP_DIR, which exists here) is gone afterwards
+    assert sorted(p.name for p in backups.iterdir()) == before
 
 
 def test_store_cut_mid_upload_keeps_the_queue_and_ships_in_order_when_back(
@@ -521,3 +523,21 @@ def test_without_offsite_url_the_sidecar_has_no_dump_shipping(source: URL, backu
     assert not any(isinstance(c, DumpShippingService) for c in components)
     refused = ops(source, backups, "backup", "ship")
     assert refused.returncode == 2 and refused.stderr.startswith("OFFSITE_S3_URL (unset)")
+    probe = (
+        "import sys; from prometheus_client import CollectorRegistry; "
+        "from ops.daemon import build_components; from ops.settings import load_settings; "
+        "from ops.backup.prune import prune; "
+        "s = load_settings(); build_components(s, CollectorRegistry()); prune(s, dry_run=True); "
+        "print(sorted(m for m in sys.modules if m.startswith(('boto', 'ops.offsite.d'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env_for(source, BACKUP_DIR=str(backups)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]" and loaded.stderr == ""
