@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 from urllib.parse import quote
 
 from ops.backup.lock import LockHeld, reading
@@ -67,12 +70,16 @@ def transfer_config(
 ) -> TransferConfig:
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(
+    config = TransferConfig(
         multipart_threshold=threshold,
         multipart_chunksize=chunk,
         max_concurrency=MAX_CONCURRENCY,
         use_threads=True,
     )
+    # Parts read from a file object wait in memory: at most this many (s3transfer's default
+    # is 10), so an upload holds about (MAX_CONCURRENCY + 1) chunks whatever the dump's size.
+    config.max_in_memory_upload_chunks = MAX_CONCURRENCY + 1
+    return config
 
 
 def database_folder(offsite: OffsiteSettings, database: str) -> str:
@@ -298,20 +305,22 @@ def _upload(
     local = dict(dump_files(store.data_path(manifest), data_name(manifest.id, manifest.format)))
     with store_errors(offsite):
         for name, key in data_keys(offsite, manifest):
-            path: Path = local[name]
             digest = manifest.files[name]
-            s3.upload_file(
-                str(path),
-                offsite.bucket,
-                key,
-                ExtraArgs={
-                    "Metadata": {META_BACKUP: manifest.id, META_SHA256: digest},
-                    "ChecksumAlgorithm": "SHA256",
-                },
-                Config=transfer,
-            )
+            # Opened once, never through a link (a name swapped for a link to a secret file
+            # after the checksum is not followed), and read from that descriptor only.
+            with _open_plain(local[name]) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                s3.upload_fileobj(
+                    handle,
+                    offsite.bucket,
+                    key,
+                    ExtraArgs={
+                        "Metadata": {META_BACKUP: manifest.id, META_SHA256: digest},
+                        "ChecksumAlgorithm": "SHA256",
+                    },
+                    Config=transfer,
+                )
             head = s3.head_object(Bucket=offsite.bucket, Key=key)
-            size = path.lstat().st_size
             if int(head.get("ContentLength", -1)) != size or (
                 head.get("Metadata", {}).get(META_SHA256) != digest
             ):
@@ -331,6 +340,20 @@ def _upload(
         stored = s3.get_object(Bucket=offsite.bucket, Key=key)["Body"].read(len(content) + 1)
         if hashlib.sha256(stored).digest() != hashlib.sha256(content).digest():
             raise StoreError("other", f"{key}: the stored manifest does not match what was sent")
+
+
+def _open_plain(path: Path) -> BinaryIO:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LocalUnavailable(f"{path.name} is a symbolic link; not followed") from None
+        raise
+    handle = open(fd, "rb")  # noqa: SIM115 - closed by the caller's with
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise LocalUnavailable(f"{path.name} is not a regular file")
+    return handle
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -541,3 +541,28 @@ def test_without_offsite_url_the_sidecar_has_no_dump_shipping(source: URL, backu
     )
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "[]" and loaded.stderr == ""
+
+
+def test_shipping_never_follows_a_dump_replaced_by_a_link_outside_the_directory(
+    source: URL,
+    backups: Path,
+    tmp_path: Path,
+    outside: Path,
+    object_store: ObjectStore,  # noqa: F811
+    bucket: str,  # noqa: F811
+) -> None:
+    env = offsite_env(object_store, bucket, tmp_path)
+    backup_id = verified_backup(source, backups, env)
+    assert catch_up(settings_for(source, backups, **env)) == [backup_id]  # queued, then swapped
+    dump = backups / f"{backup_id}.dump"
+    dump.unlink()
+    dump.symlink_to(outside / "secret.dump")
+
+    done = ops(source, backups, "backup", "ship", **env)
+    assert done.returncode == 0, done.stderr
+    assert f"not shipped {backup_id}: " in done.stdout and "symbolic link" in done.stdout
+    assert object_store.keys(bucket) == []  # not a byte of it left the host
+    # and a scan never queues it again: a dump that is a link is no backup
+    again = ops(source, backups, "backup", "ship", **env)
+    assert again.returncode == 0 and "0 backup(s) queued" in again.stdout
+    assert "is a symbolic link; not followed" in again.stderr
