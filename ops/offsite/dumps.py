@@ -75,6 +75,7 @@ def transfer_config(
         multipart_chunksize=chunk,
         max_concurrency=MAX_CONCURRENCY,
         use_threads=True,
+        preferred_transfer_client="classic",  # the s3transfer limits below, never the CRT's
     )
     # Parts read from a file object wait in memory: at most this many (s3transfer's default
     # is 10), so an upload holds about (MAX_CONCURRENCY + 1) chunks whatever the dump's size.
