@@ -128,6 +128,11 @@ def download(settings: Settings, s3: BaseClient, manifest: Manifest, into: Path)
     if not manifest.files:
         raise FetchError(f"backup {manifest.id}: its manifest lists no files")
     budget = manifest.size_bytes
+    free = shutil.disk_usage(into).free
+    if budget > free:  # a manifest's size is data too: it does not get to fill the disk
+        raise FetchError(
+            f"backup {manifest.id} is {budget} bytes, more than the {free} free in {into.parent}"
+        )
     for name, key in data_keys(offsite, manifest):
         path = target if manifest.format == "custom" else target / name
         budget -= _fetch(settings, s3, key, path, manifest.files.get(name), budget)

@@ -332,7 +332,14 @@ def _manifest(store: ObjectStore, name: str, key: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated data", "wrong checksum", "hostile path", "id of another name", "huge size"],
+    [
+        "truncated data",
+        "wrong checksum",
+        "hostile path",
+        "id of another name",
+        "small size",
+        "size beyond the disk",
+    ],
 )
 def test_damaged_or_hostile_objects_in_the_store_are_refused_before_pg_restore(
     damage: str,
@@ -354,7 +361,8 @@ def test_damaged_or_hostile_objects_in_the_store_are_refused_before_pg_restore(
         "wrong checksum": "sha256 does not match",
         "hostile path": "field path",
         "id of another name": "field id",
-        "huge size": "bytes, more than its manifest's",
+        "small size": "bytes, more than its manifest's",
+        "size beyond the disk": "free in",
     }[damage]
     if damage == "truncated data":
         body = s3.get_object(Bucket=bucket, Key=data_key)["Body"].read()
@@ -367,8 +375,10 @@ def test_damaged_or_hostile_objects_in_the_store_are_refused_before_pg_restore(
         manifest["path"] = "../../../etc/passwd"
     elif damage == "id of another name":
         manifest["id"] = "20200101T000000Z-abcdef"
-    else:
+    elif damage == "small size":
         manifest["size_bytes"] = 10
+    else:
+        manifest["size_bytes"] = 1 << 60
     s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(manifest).encode())
 
     restored = ops(
