@@ -253,44 +253,52 @@ def test_recovery_against_cp_and_bare_replay(bench: Bench) -> None:
     _run_pgbench(bench.cluster, "-c", "4", "-j", "2", "-T", "15", "-n", timeout=120)
     lsn = execute(bench.cluster.url(), "SELECT pg_current_wal_insert_lsn()::text")[0][0]
     force_wal_out(settings, barman, lsn)
-    ours, bare, ours_restore = [], [], []
-    wal_names: list[str] = []
-    recovery_conf = ""
-    for round_number in range(0, ROUNDS + 1):
+    archive = settings.pitr.barman_home / SERVER_NAME / "wals"
+
+    def restore_ours(root: Path) -> float:
+        started = time.perf_counter()
+        ops_json(
+            "pitr",
+            "restore",
+            str(root / "data"),
+            "--target-time",
+            target.isoformat(),
+            env=bench.env,
+        )
+        return time.perf_counter() - started
+
+    # What the bare side copies and configures: Barman's own choice of WAL and settings.
+    root = Path(tempfile.mkdtemp(prefix="dbops-bench-recover-"))
+    try:
+        restore_ours(root)
+        wal_names = sorted(
+            entry.name
+            for entry in (root / "data" / "barman_wal").iterdir()
+            if entry.is_file()  # not its archive_status directory
+        )
+        # Barman names the restored directory in restore_command: the bare side gets the same
+        # command for its own directory.
+        recovery_conf = (root / "data" / "postgresql.auto.conf").read_text()
+        recovery_conf = recovery_conf.replace(str(root / "data"), "@DATA@")
+        assert _history(bench.cluster, root / "data") == expected
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    def measure_ours() -> tuple[float, float]:
         root = Path(tempfile.mkdtemp(prefix="dbops-bench-recover-"))
         try:
-            started = time.perf_counter()
-            ops_json(
-                "pitr",
-                "restore",
-                str(root / "data"),
-                "--target-time",
-                target.isoformat(),
-                env=bench.env,
-            )
-            restored = time.perf_counter() - started
-            if round_number == 0:  # what the bare side copies and configures
-                wal_names = sorted(
-                    entry.name
-                    for entry in (root / "data" / "barman_wal").iterdir()
-                    if entry.is_file()  # not its archive_status directory
-                )
-                # Barman names the restored directory in restore_command: the bare side gets
-                # the same command for its own directory.
-                recovery_conf = (root / "data" / "postgresql.auto.conf").read_text()
-                recovery_conf = recovery_conf.replace(str(root / "data"), "@DATA@")
-                assert _history(bench.cluster, root / "data") == expected
-                continue
-            total = restored + _recover(root / "data", bench.cluster.bindir)
+            restored = restore_ours(root)
+            return restored + _recover(root / "data", bench.cluster.bindir), restored
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+    def measure_bare() -> tuple[float, float]:
         root = Path(tempfile.mkdtemp(prefix="dbops-bench-recover-bare-"))
         try:
             started = time.perf_counter()
             subprocess.run(["cp", "-a", str(base), str(root / "data")], check=True)
             wal_dest = root / "data" / "barman_wal"
             wal_dest.mkdir()
-            archive = settings.pitr.barman_home / SERVER_NAME / "wals"
             sources = [
                 str(archive / name[:16] / name) if len(name) == 24 else str(archive / name)
                 for name in wal_names
@@ -301,9 +309,17 @@ def test_recovery_against_cp_and_bare_replay(bench: Bench) -> None:
             )
             (root / "data" / "recovery.signal").touch()
             copied = time.perf_counter() - started
-            bare_total = copied + _recover(root / "data", bench.cluster.bindir)
+            return copied + _recover(root / "data", bench.cluster.bindir), copied
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+    ours, bare, ours_restore = [], [], []
+    for round_number in range(1, ROUNDS + 1):
+        results: dict[str, tuple[float, float]] = {}
+        order = [("ours", measure_ours), ("bare", measure_bare)]
+        for name, measure in order if round_number % 2 else order[::-1]:
+            results[name] = measure()
+        (total, restored), (bare_total, copied) = results["ours"], results["bare"]
         ours.append(total)
         ours_restore.append(restored)
         bare.append(bare_total)
@@ -314,7 +330,7 @@ def test_recovery_against_cp_and_bare_replay(bench: Bench) -> None:
     size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
     print(
         f"base backup {size / 1e6:.0f} MB, {len(wal_names)} WAL segments to the target "
-        f"({len(wal_names) * 16} MB), {ROUNDS} rounds, ours first in each"
+        f"({len(wal_names) * 16} MB), {ROUNDS} rounds, order alternated"
     )
     print(f"cp -a + bare replay:          {_spread(bare)}")
     print(f"ops pitr restore + replay:    {_spread(ours)} (restore alone {_spread(ours_restore)})")
