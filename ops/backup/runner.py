@@ -20,6 +20,7 @@ exits, so the next run never removes a temporary file a live dump is still writi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -27,7 +28,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from sqlalchemy import text
@@ -203,12 +205,15 @@ def _dump(
         status=STATUS_FAILED,
         started_at=format_time(started) or "",
     )
+    # `pg_dump --version` (through Debian's Perl wrapper, a tenth of a second) runs while this
+    # thread loads the dialect, connects and exports the snapshot: all of it stands between the
+    # run's start and the dump's.
+    probe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-backup-probe")
+    tool_found = probe.submit(find_tool, "pg_dump", backup.bindir)
     engine = backup_engine(settings.db)
     try:
         workdir.mkdir(mode=PRIVATE_DIR_MODE)  # never an existing name: nothing planted is used
-        tool = find_tool("pg_dump", backup.bindir)
-        manifest.pg_dump_version = tool.version
-        with engine.connect() as connection:
+        with _tool_error_first(tool_found), engine.connect() as connection:
             snapshot_holder = connection.execution_options(
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
@@ -217,6 +222,8 @@ def _dump(
                     text("SELECT current_setting('server_version_num')::int, version()")
                 ).one()
                 manifest.server_version = str(version)
+                tool = tool_found.result()
+                manifest.pg_dump_version = tool.version
                 check_client_version(tool, int(version_num))
                 snapshot = snapshot_holder.execute(text("SELECT pg_export_snapshot()")).scalar()
                 tables = [(str(s), str(t)) for s, t in snapshot_holder.execute(TABLES_SQL)]
@@ -263,7 +270,20 @@ def _dump(
             raise BackupError(manifest.error) from exc
         raise
     finally:
+        probe.shutdown(wait=True)
         engine.dispose()
+
+
+@contextlib.contextmanager
+def _tool_error_first(tool_found: Future[ClientTool]) -> Iterator[None]:
+    """A missing or broken pg_dump is the error to report, as when it was looked for before
+    connecting, even if the connection failed as well."""
+    try:
+        yield
+    except Exception:
+        if isinstance(tool_found.exception(), ToolError):
+            tool_found.result()  # raises it
+        raise
 
 
 def _dump_while_counting(

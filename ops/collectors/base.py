@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client.core import Metric
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Row
+
+if TYPE_CHECKING:  # ops.settings reads COLLECTOR_NAMES: `ops backup run` needs no prometheus_client
+    from prometheus_client.core import Metric
 
 OTHER = "(other)"  # label value of the one series that sums everything past the top N
 

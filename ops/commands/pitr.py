@@ -101,7 +101,8 @@ def _fail(message: str) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from ops.pitr.service import make_barman, pitr_engine
+    from ops.pitr.barman import make_barman
+    from ops.pitr.service import pitr_engine
     from ops.pitr.status import gather
 
     settings = _settings()
@@ -157,8 +158,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_backup(args: argparse.Namespace) -> int:
-    from ops.pitr.barman import BarmanError
-    from ops.pitr.service import make_barman
+    from ops.pitr.barman import BarmanError, make_barman
 
     settings = _settings()
     if settings is None:
@@ -195,8 +195,7 @@ def _backup_row(backup: Any) -> dict[str, Any]:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ops.pitr.barman import BarmanError
-    from ops.pitr.service import make_barman
+    from ops.pitr.barman import BarmanError, make_barman
 
     settings = _settings()
     if settings is None:
@@ -240,9 +239,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ops.pitr.barman import BarmanError
+    from ops.pitr.barman import BarmanError, make_barman
     from ops.pitr.restore import RestoreRefused, parse_target, restore
-    from ops.pitr.service import make_barman
     from ops.pitr.status import gather
 
     settings = _settings()
@@ -278,8 +276,8 @@ def run_restore(args: argparse.Namespace) -> int:
 
 
 def run_drill(args: argparse.Namespace) -> int:
+    from ops.pitr.barman import make_barman
     from ops.pitr.drill import drill
-    from ops.pitr.service import make_barman
 
     settings = _settings()
     if settings is None:
@@ -317,9 +315,9 @@ def run_switch_wal(args: argparse.Namespace) -> int:
     from sqlalchemy import exc
 
     from db.errors import error_line
-    from ops.pitr.barman import BarmanError
+    from ops.pitr.barman import BarmanError, make_barman
     from ops.pitr.drill import DrillFailed, force_wal_out
-    from ops.pitr.service import make_barman, pitr_engine
+    from ops.pitr.service import pitr_engine
     from ops.pitr.status import archived_wal
 
     settings = _settings()

@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL
 
 from ops.pitr.config import barman_config, barman_environment, passfile_text, write_private
 from ops.pitr.settings import SERVER_NAME, PitrSettings
+
+if TYPE_CHECKING:
+    from ops.settings import Settings
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -74,6 +78,9 @@ def _error_of(stdout: str, stderr: str) -> str:
             if isinstance(messages, list) and messages:
                 return _first_line(str(messages[0]))
     return _first_line(stderr or stdout)
+
+
+_BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}$")  # how Barman names a backup
 
 
 class Barman:
@@ -203,16 +210,44 @@ class Barman:
         )
 
     def backup(self, timeout: float = 6 * 3600) -> str:
-        """Take a base backup and wait until the WAL it needs is archived; its id."""
-        before = {backup.id for backup in self.backups()}
-        if self.check().get("wal_archive", {}).get("status") == "FAILED":
-            # Barman refuses a first backup until one WAL file has reached the archive.
+        """Take a base backup and wait until the WAL it needs is archived; its id.
+
+        ``barman backup`` runs every check itself before it starts, and the backups before and
+        after it are read from Barman's directory: no ``barman check`` and no ``list-backups``
+        around it (each Barman start-up costs a few tenths of a second, more on a busy host).
+        """
+        before = self._backup_ids()
+        # Barman refuses a first backup until one WAL file has reached the archive, and its own
+        # check switches WAL only when something was written since the last switch. (`check`
+        # also gives a `receive-wal` that `cron` has just started the time to connect.)
+        if (
+            not self._archive_holds_wal()
+            and self.check().get("wal_archive", {}).get("status") == "FAILED"
+        ):
             self.switch_wal(archive=True)
         self.run("backup", "--wait", "--wait-timeout", "600", SERVER_NAME, timeout=timeout)
-        after = [backup for backup in self.backups() if backup.id not in before]
+        after = sorted(self._backup_ids() - before)
         if not after:
             raise BarmanError("barman backup finished but no new backup is listed")
-        return after[-1].id
+        return after[-1]
+
+    def _backup_ids(self) -> set[str]:
+        """The backups Barman keeps, by their directories (``base/<id>``)."""
+        try:
+            entries = list((self.settings.barman_home / SERVER_NAME / "base").iterdir())
+        except FileNotFoundError:
+            return set()
+        except OSError as error:
+            raise BarmanError(f"cannot read Barman's backups: {error.strerror}") from None
+        return {entry.name for entry in entries if _BACKUP_ID.match(entry.name)}
+
+    def _archive_holds_wal(self) -> bool:
+        """Whether Barman's WAL catalogue (``wals/*xlog.db``) lists anything yet."""
+        wals = self.settings.barman_home / SERVER_NAME / "wals"
+        try:
+            return any(catalogue.stat().st_size > 0 for catalogue in wals.glob("*xlog.db"))
+        except OSError:
+            return False
 
     def switch_wal(self, *, archive: bool) -> None:
         """Close the current WAL segment; with ``archive``, wait until it is archived."""
@@ -241,6 +276,17 @@ class Barman:
     def status(self) -> dict[str, str]:
         data = self.run_json("status", SERVER_NAME) or {}
         return {str(k): str(v.get("message", "")) for k, v in data.items() if isinstance(v, dict)}
+
+
+def make_barman(settings: Settings) -> Barman:
+    """The configured server. Here rather than in :mod:`ops.pitr.service`, so that `ops pitr`
+    commands do not import the sidecar's scheduler and metrics to run one Barman command."""
+    return Barman(
+        settings.pitr,
+        settings.db.url,
+        bindir=settings.backup.bindir,
+        connect_timeout=settings.db.connect_timeout,
+    )
 
 
 def _listed_backup(entry: dict[str, Any]) -> BackupInfo:

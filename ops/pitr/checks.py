@@ -37,7 +37,8 @@ def our_checks(status: PitrStatus) -> dict[str, Check]:
 
 
 def run_checks(settings: Settings) -> dict[str, Check]:
-    from ops.pitr.service import make_barman, pitr_engine
+    from ops.pitr.barman import make_barman
+    from ops.pitr.service import pitr_engine
 
     barman = make_barman(settings)
     checks: dict[str, Check] = {}

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
-from ops.pitr.barman import BackupInfo, Barman, BarmanError
+from ops.pitr.barman import BackupInfo, BarmanError, make_barman
 from ops.pitr.metrics import PitrCollector, PitrCounters
 from ops.pitr.restore import WAL_SEGMENT_BYTES, parse_lsn, segment_end_lsn
 from ops.pitr.settings import SERVER_NAME
@@ -40,15 +40,6 @@ SOON_JOB = "dbops-pitr-base-now"
 PITR_APPLICATION_NAME = "dbops-pitr"
 MISFIRE_GRACE = 3600
 ARCHIVE_WAIT = 10.0  # seconds a switch waits for streaming to deliver the closed segment
-
-
-def make_barman(settings: Settings) -> Barman:
-    return Barman(
-        settings.pitr,
-        settings.db.url,
-        bindir=settings.backup.bindir,
-        connect_timeout=settings.db.connect_timeout,
-    )
 
 
 def pitr_engine(settings: Settings) -> Engine:

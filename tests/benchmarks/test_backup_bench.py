@@ -30,6 +30,9 @@ from tests.integration.backup_helpers import REPO, settings_for
 from tests.pgcluster import server_bindir
 
 ROUNDS = int(os.environ.get("DBOPS_BENCH_ROUNDS", "5"))
+# Past pytest's default 300 s: on a loaded two-core machine the rounds, restore and drill take
+# longer than that.
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 SCALE = int(os.environ.get("DBOPS_BENCH_SCALE", "60"))
 RANDOM_MB = int(os.environ.get("DBOPS_BENCH_RANDOM_MB", "150"))
 
