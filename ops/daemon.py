@@ -81,10 +81,22 @@ def build_components(settings: Settings, registry: CollectorRegistry) -> list[Co
         ExporterService(settings, registry),
         BackupService(settings, registry),
     ]
+    counters = None
+    if settings.offsite.enabled:
+        from ops.offsite.metrics import OffsiteCounters
+
+        counters = OffsiteCounters(registry)  # shared by every off-host shipper
+    shipper = None
     if settings.pitr.enabled:
         from ops.pitr.service import PitrService
 
-        components.append(PitrService(settings, registry))
+        pitr = PitrService(settings, registry, offsite_counters=counters)
+        shipper = pitr.shipper
+        components.append(pitr)
+    if counters is not None:
+        from ops.offsite.metrics import OffsiteCollector
+
+        registry.register(OffsiteCollector(shipper))
     return components
 
 
@@ -197,6 +209,19 @@ class Daemon:
                 problems.append(f"{component.name}: health check failed: {redact(str(error))}")
         return not problems, {"healthy": not problems, "problems": problems}
 
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """``/readyz``: the database check, with what components add to its detail."""
+        ok, detail = self.readiness.check()
+        for component in self.components:
+            extra = getattr(component, "readiness_detail", None)
+            if extra is None:
+                continue
+            try:
+                detail.update(extra())
+            except Exception as error:
+                detail[component.name] = f"detail failed: {redact(str(error))}"
+        return ok, detail
+
     def _heartbeat(self) -> None:
         self._scheduler_beat = time.monotonic()
 
@@ -219,7 +244,7 @@ class Daemon:
                 app = SidecarApp(
                     self.registry,
                     self.health,
-                    self.readiness.check,
+                    self.ready,
                     self.alerts,
                     alerts_token=sidecar.alerts_token,
                     limits=limits,
