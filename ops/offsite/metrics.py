@@ -90,6 +90,11 @@ class OffsiteCollector(Collector):
         size.add_metric([WAL], float(sum(item.size_bytes for item in wals)))
         files.add_metric([BASEBACKUP], float(len(backups)))
         size.add_metric([BASEBACKUP], float(sum(item.size_bytes for item in backups)))
+        yield GaugeMetricFamily(
+            "dbops_offsite_archive_timeout_seconds",
+            "PITR_ARCHIVE_TIMEOUT: how often a written WAL segment is closed and archived.",
+            value=shipper.pitr.archive_timeout,
+        )
         if status.store_ok is not None:
             yield GaugeMetricFamily(
                 "dbops_offsite_store_up",
