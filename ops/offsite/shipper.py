@@ -35,7 +35,8 @@ from ops.pitr.settings import SERVER_NAME, PitrSettings
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST, BACKOFF_MAX = 5.0, 300.0
-MAINTENANCE_INTERVAL = 300.0
+MAINTENANCE_INTERVAL = 300.0  # list the store: window, gaps
+RETENTION_INTERVAL = 3600.0  # and apply retention (and after each shipped base backup)
 IDLE_WAIT = 5.0
 
 
@@ -46,17 +47,22 @@ def backoff(failures: int, first: float = BACKOFF_FIRST, cap: float = BACKOFF_MA
     return float(min(cap, first * 2 ** min(failures - 1, 30)))
 
 
-def next_item(
-    wals: list[QueuedWal], backups: list[QueuedBackup]
-) -> QueuedWal | QueuedBackup | None:
-    """What to ship next: a base backup as soon as every queued WAL up to its end is shipped
-    (its own WAL first, so a shipped backup is restorable), else the oldest WAL."""
+def ready_backup(wals: list[QueuedWal], backups: list[QueuedBackup]) -> QueuedBackup | None:
+    """The oldest queued base backup whose WAL (up to its end) is all shipped: a base backup
+    in the store is restorable from the moment it is listed there."""
     for backup in backups:
         if not wals or (
             backup.end_wal is not None and sort_key(wals[0].name) > sort_key(backup.end_wal)
         ):
             return backup
-    return wals[0] if wals else None
+    return None
+
+
+def next_item(
+    wals: list[QueuedWal], backups: list[QueuedBackup]
+) -> QueuedWal | QueuedBackup | None:
+    """What one worker ships next: a ready base backup, else the oldest WAL."""
+    return ready_backup(wals, backups) or (wals[0] if wals else None)
 
 
 def archived_files(pitr: PitrSettings) -> list[tuple[str, Path]]:
@@ -100,7 +106,8 @@ class OffsiteStatus:
     store_detail: str = "not checked yet"
     store_kind: str | None = None
     last_error: str | None = None
-    failures_in_row: int = 0
+    failures_in_row: int = 0  # of the WAL worker
+    backup_failures_in_row: int = 0  # of the base backup worker
     window_start: float | None = None
     backups_offsite: int | None = None
     gaps: list[Gap] = field(default_factory=list)
@@ -119,25 +126,32 @@ class Shipper:
         self.status = OffsiteStatus()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._maintained_at = 0.0
+        self._retained_at = 0.0
         self._maintain_soon = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self.queue.prepare()
-        self._thread = threading.Thread(target=self._run, name="offsite-shipper", daemon=True)
-        self._thread.start()
+        # WAL has a worker of its own, so an hours-long base backup upload never holds the
+        # WAL behind it; the base backup worker waits for the WAL its backup needs.
+        self._threads = [
+            threading.Thread(target=self._run, name="offsite-wal", daemon=True),
+            threading.Thread(target=self._run_backups, name="offsite-base", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     # -- noticing ------------------------------------------------------------------------------
 
@@ -185,7 +199,8 @@ class Shipper:
         while not self._stop.is_set():
             try:
                 self.scan()
-                shipped = self.ship_one()
+                wals = self.queue.wals()
+                shipped = self.ship(wals[0]) if wals else None
                 if shipped is None:
                     self._maintain_if_due()
                     self._wake.wait(IDLE_WAIT)
@@ -193,7 +208,20 @@ class Shipper:
                 elif not shipped:
                     self._stop.wait(backoff(self.status.failures_in_row))
             except Exception as error:  # one bad turn never ends shipping
-                log.error("offsite: shipping turn failed: %s", type(error).__name__)
+                log.error("offsite: WAL shipping turn failed: %s", type(error).__name__)
+                self._stop.wait(BACKOFF_FIRST)
+
+    def _run_backups(self) -> None:
+        while not self._stop.is_set():
+            try:
+                backup = ready_backup(self.queue.wals(), self.queue.backups())
+                shipped = self.ship(backup) if backup is not None else None
+                if shipped is None:
+                    self._stop.wait(IDLE_WAIT)
+                elif not shipped:
+                    self._stop.wait(backoff(self.status.backup_failures_in_row))
+            except Exception as error:
+                log.error("offsite: base backup shipping turn failed: %s", type(error).__name__)
                 self._stop.wait(BACKOFF_FIRST)
 
     def _check_store(self) -> None:
@@ -215,11 +243,13 @@ class Shipper:
                 log.error("offsite: store %s: %s", self.offsite.url, detail)
 
     def ship_one(self) -> bool | None:
-        """Ship the next item: True when shipped, False when it failed (it stays queued),
-        None when the queue is empty."""
+        """Ship the next item as one worker would: True when shipped, False when it failed
+        (it stays queued), None when the queue is empty."""
         item = next_item(self.queue.wals(), self.queue.backups())
-        if item is None:
-            return None
+        return None if item is None else self.ship(item)
+
+    def ship(self, item: QueuedWal | QueuedBackup) -> bool:
+        """Upload one queued item; it leaves the queue only once the store has it."""
         what = WAL if isinstance(item, QueuedWal) else BASEBACKUP
         name = item.name if isinstance(item, QueuedWal) else item.id
         started = time.monotonic()
@@ -229,7 +259,12 @@ class Shipper:
             else:
                 self.cloud.upload_backup(item.id, item.path)
         except StoreError as error:
-            self.status.failures_in_row += 1
+            if what == WAL:
+                self.status.failures_in_row += 1
+                attempt = self.status.failures_in_row
+            else:
+                self.status.backup_failures_in_row += 1
+                attempt = self.status.backup_failures_in_row
             self.status.last_error = str(error)
             self.counters.failures.labels(what, error.kind).inc()
             self._store(False, str(error), error.kind)
@@ -238,8 +273,8 @@ class Shipper:
                 what,
                 name,
                 error.kind,
-                self.status.failures_in_row,
-                backoff(self.status.failures_in_row),
+                attempt,
+                backoff(attempt),
                 error,
             )
             return False
@@ -261,9 +296,12 @@ class Shipper:
                 item.size_bytes / 1e6,
                 time.monotonic() - started,
             )
-        if self.status.failures_in_row:
+        if self.status.failures_in_row or self.status.backup_failures_in_row:
             log.info("offsite: store answers again; catching up in order")
-        self.status.failures_in_row = 0
+        if what == WAL:
+            self.status.failures_in_row = 0
+        else:
+            self.status.backup_failures_in_row = 0
         self.status.last_error = None
         if not self.status.store_ok:
             self._store(True, f"bucket {self.offsite.bucket} reachable", None)
@@ -274,10 +312,13 @@ class Shipper:
     def _maintain_if_due(self) -> None:
         if not self._maintain_soon and time.time() - self._maintained_at < MAINTENANCE_INTERVAL:
             return
+        retain = self._maintain_soon or time.time() - self._retained_at >= RETENTION_INTERVAL
         self._maintain_soon = False
         self._maintained_at = time.time()
         try:
-            self.apply_retention()
+            if retain:
+                self.apply_retention()
+                self._retained_at = time.time()
             self.inspect()
         except StoreError as error:
             self._store(False, str(error), error.kind)

@@ -331,3 +331,70 @@ def test_a_partial_or_stray_object_does_not_corrupt_the_sequence(
     checks = offsite_checks(service.settings)
     assert checks["dbops_offsite_wal_gaps"]["status"] == "FAILED"
     assert middle in checks["dbops_offsite_wal_gaps"]["hint"]
+
+
+def age_backup_in_store(s3: object, bucket_name: str, backup_id: str, days: int) -> None:
+    """Make a shipped base backup look ``days`` older to the store's retention."""
+    from datetime import datetime, timedelta
+
+    key = f"{PREFIX}/dbops/base/{backup_id}/backup.info"
+    lines = s3.get_object(Bucket=bucket_name, Key=key)["Body"].read().decode().splitlines()  # type: ignore[attr-defined]
+    aged = []
+    for line in lines:
+        field, _, value = line.partition("=")
+        if field in ("begin_time", "end_time") and value not in ("", "None"):
+            value = str(datetime.fromisoformat(value) - timedelta(days=days))
+        aged.append(f"{field}={value}" if _ else line)
+    s3.put_object(Bucket=bucket_name, Key=key, Body=("\n".join(aged) + "\n").encode())  # type: ignore[attr-defined]
+
+
+def test_retention_deletes_only_old_backups_and_their_wal_under_our_prefix(
+    cluster: Cluster,
+    service: PitrService,
+    object_store: ObjectStore,  # noqa: F811
+    bucket: str,  # noqa: F811
+) -> None:
+    shipper = shipper_of(service)
+    s3 = object_store.client()
+    service.supervise()  # the first base backup
+    ids = []
+    for days in (30, 20):
+        write_and_switch(cluster, service, 2)
+        shipper.scan()
+        drain(shipper)
+        ids.append(service.refresh().good_backups[-1].id)
+        age_backup_in_store(s3, bucket, ids[-1], days)
+        service.base_backup()
+    write_and_switch(cluster, service, 1)
+    shipper.scan()
+    drain(shipper)
+    newest = service.refresh().good_backups[-1].id
+    assert len(set([*ids, newest])) == 3
+    foreign = [
+        "foreign.txt",
+        "other-app/dbops/wals/0000000100000000/000000010000000000000001.gz",
+        "other-app/dbops/base/19700101T000000/backup.info",
+        f"{PREFIX}/dumps/app/20261128T000000.dump",
+    ]
+    for key in foreign:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"not dbops' WAL or base backup")
+    wals_before = shipper.offsite_wals()
+
+    shipper.apply_retention()  # PITR_RETENTION 7 days, PITR_MIN_REDUNDANCY 1
+
+    keys = object_store.keys(bucket)
+    assert all(key in keys for key in foreign)
+    assert not any(key.startswith(f"{PREFIX}/dbops/base/{ids[0]}/") for key in keys)
+    # The newest backup older than the window is kept: it is what reaches the window's start.
+    assert f"{PREFIX}/dbops/base/{ids[1]}/backup.info" in keys
+    assert f"{PREFIX}/dbops/base/{newest}/backup.info" in keys
+    kept = barman_cloud(
+        service, "backup-list", "--format", "json", f"s3://{bucket}/{PREFIX}", "dbops"
+    )
+    assert ids[0] not in kept and ids[1] in kept and newest in kept
+    wals_after = shipper.offsite_wals()
+    assert len(wals_after) < len(wals_before)  # the WAL only the deleted backup needed
+    begin = service.barman.show(ids[1]).begin_wal
+    assert begin is not None and begin in wals_after
+    shipper.inspect()
+    assert shipper.status.gaps == []
