@@ -124,6 +124,16 @@ def test_serve_ships_to_the_store_and_exports_every_offsite_metric_the_rules_rea
     assert object_store.secret_access_key not in stderr
     assert "Traceback" not in stderr
 
+    # `ops pitr status` shows the store's side: what was shipped, nothing missing.
+    result = run_ops("pitr", "status", "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    offsite = json.loads(result.stdout)["offsite"]
+    assert offsite["store_ok"] is True and offsite["gaps"] == []
+    assert offsite["last_shipped_wal"] and offsite["last_shipped_backup"]
+    assert (offsite["window_start"] or 0) > 0
+    text = run_ops("pitr", "status", env=env)
+    assert "Last WAL shipped:" in text.stdout and "Off-host queue:" in text.stdout
+
     # A wrong key: `ops pitr check` fails with the store's own one-line reason.
     wrong = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-right-secret"}
     result = run_ops("pitr", "check", env=wrong)
