@@ -308,7 +308,14 @@ def test_a_partial_or_stray_object_does_not_corrupt_the_sequence(
         Bucket=bucket, Key=f"{PREFIX}/dbops/wals/{first.name[:16]}/{first.name}.partial", Body=b"x"
     )
     s3.put_object(Bucket=bucket, Key=f"{PREFIX}/dbops/wals/junk.tmp", Body=b"x")
+    # A base backup upload cut before its backup.info: half a tarball and nothing else.
+    cut = f"{PREFIX}/dbops/base/20260101T000000/data.tar.gz"
+    s3.put_object(Bucket=bucket, Key=cut, Body=b"\x1f\x8b half a tarball")
     drain(shipper)
+    shipper.apply_retention()  # retention and the listing are not thrown by it
+    assert shipper.cloud.backups() and all(
+        b["backup_id"] != "20260101T000000" for b in shipper.cloud.backups()
+    )
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     assert (
         gzip.decompress(body)
