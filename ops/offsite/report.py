@@ -21,16 +21,23 @@ def _shipper(settings: Settings) -> Shipper:
 
 
 def offsite_checks(settings: Settings) -> dict[str, Check]:
-    """``dbops_offsite_store`` (bucket and credentials) and ``dbops_offsite_wal_gaps``."""
+    """``dbops_offsite_store`` (bucket and credentials), ``dbops_offsite_barman_cloud`` (the
+    programs are installed) and ``dbops_offsite_wal_gaps``."""
     if not settings.offsite.enabled:
         return {}
     store = check(settings.offsite)
     checks = {
         "dbops_offsite_store": {"status": "OK" if store.ok else "FAILED", "hint": store.detail}
     }
+    shipper = _shipper(settings)
+    program = shipper.cloud.program("wal-archive")
+    checks["dbops_offsite_barman_cloud"] = (
+        {"status": "OK", "hint": str(program.parent)}
+        if program.is_file()
+        else {"status": "FAILED", "hint": f"{program} is missing: install barman[cloud]"}
+    )
     if not store.ok:
         return checks
-    shipper = _shipper(settings)
     try:
         shipper.inspect()
     except StoreError as error:
