@@ -144,11 +144,14 @@ class Shipper:
         for thread in self._threads:
             thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop both workers; an upload still running is left to finish or die with the
+        process (its item stays queued until the store has it)."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def alive(self) -> bool:
         return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
