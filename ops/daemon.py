@@ -79,16 +79,30 @@ def build_components(settings: Settings, registry: CollectorRegistry) -> list[Co
 
     backups = BackupService(settings, registry)
     components: list[Component] = [ExporterService(settings, registry), backups]
+    counters = None
+    dumps = None
     if settings.offsite.enabled:
         from ops.offsite.dumpservice import DumpShippingService
+        from ops.offsite.metrics import OffsiteCounters
 
-        dumps = DumpShippingService(settings, registry)
+        counters = OffsiteCounters(registry)  # shared by every off-host shipper
+        failures = counters.failures
+        dumps = DumpShippingService(
+            settings, None, on_failure=lambda kind: failures.labels("dump", kind).inc()
+        )
         backups.after_verification = dumps.verified
         components.append(dumps)
+    shipper = None
     if settings.pitr.enabled:
         from ops.pitr.service import PitrService
 
-        components.append(PitrService(settings, registry))
+        pitr = PitrService(settings, registry, offsite_counters=counters)
+        shipper = pitr.shipper
+        components.append(pitr)
+    if counters is not None:
+        from ops.offsite.metrics import OffsiteCollector
+
+        registry.register(OffsiteCollector(shipper, dumps.state if dumps is not None else None))
     return components
 
 
@@ -201,6 +215,19 @@ class Daemon:
                 problems.append(f"{component.name}: health check failed: {redact(str(error))}")
         return not problems, {"healthy": not problems, "problems": problems}
 
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """``/readyz``: the database check, with what components add to its detail."""
+        ok, detail = self.readiness.check()
+        for component in self.components:
+            extra = getattr(component, "readiness_detail", None)
+            if extra is None:
+                continue
+            try:
+                detail.update(extra())
+            except Exception as error:
+                detail[component.name] = f"detail failed: {redact(str(error))}"
+        return ok, detail
+
     def _heartbeat(self) -> None:
         self._scheduler_beat = time.monotonic()
 
@@ -223,7 +250,7 @@ class Daemon:
                 app = SidecarApp(
                     self.registry,
                     self.health,
-                    self.readiness.check,
+                    self.ready,
                     self.alerts,
                     alerts_token=sidecar.alerts_token,
                     limits=limits,

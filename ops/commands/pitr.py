@@ -114,8 +114,17 @@ def run_status(args: argparse.Namespace) -> int:
         status = gather(barman, engine)
     finally:
         engine.dispose()
+    from ops.offsite.report import offsite_status
+
+    offsite = offsite_status(settings)
+    if offsite is not None:
+        status.problems.extend(f"offsite: {problem}" for problem in offsite["problems"])
+        for gap in offsite["gaps"] or []:
+            status.problems.append(
+                f"offsite: WAL {gap['first']}..{gap['last']} ({gap['count']}) missing in the store"
+            )
     if args.json:
-        print(json.dumps(status.as_dict(), indent=2))
+        print(json.dumps({**status.as_dict(), "offsite": offsite}, indent=2))
         return EXIT_OK if not status.problems else EXIT_FAILED
     slot = status.slot
     slot_text = "unknown"
@@ -150,6 +159,21 @@ def run_status(args: argparse.Namespace) -> int:
                 f"the end of base backup {gap.get('backup_id') or '(none yet)'}",
             )
         )
+    if offsite is not None:
+        rows += [
+            ("Off host", f"{offsite['url']}: {offsite['store_detail']}"),
+            (
+                "Off-host queue",
+                f"{offsite['queued_wal_segments']} WAL ({_size(offsite['queued_wal_bytes'])}), "
+                f"{len(offsite['queued_base_backups'])} base backup(s)",
+            ),
+            (
+                "Last WAL shipped",
+                f"{offsite['last_shipped_wal'] or '-'} "
+                f"(archived {_when(offsite['last_shipped_wal_at'])})",
+            ),
+            ("Off-host window", f"from {_when(offsite['window_start'])}"),
+        ]
     for label, value in rows:
         print(f"{label + ':':<19} {value}")
     for problem in status.problems:

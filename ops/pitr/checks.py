@@ -54,4 +54,7 @@ def run_checks(settings: Settings) -> dict[str, Check]:
     finally:
         engine.dispose()
     checks.update(our_checks(status))
+    from ops.offsite.report import offsite_checks
+
+    checks.update(offsite_checks(settings))
     return checks

@@ -23,6 +23,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
+from ops.offsite.metrics import OffsiteCounters
+from ops.offsite.shipper import Shipper
 from ops.pitr.barman import BackupInfo, BarmanError, make_barman
 from ops.pitr.metrics import PitrCollector, PitrCounters
 from ops.pitr.restore import WAL_SEGMENT_BYTES, parse_lsn, segment_end_lsn
@@ -59,8 +61,19 @@ def pitr_engine(settings: Settings) -> Engine:
 class PitrService:
     name = "pitr"
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        offsite_counters: OffsiteCounters | None = None,
+    ) -> None:
         self.settings = settings
+        # Off-host shipping of what Barman archives (OFFSITE_S3_URL), or None.
+        self.shipper: Shipper | None = None
+        if settings.offsite.enabled:
+            self.shipper = Shipper(
+                settings.offsite, settings.pitr, offsite_counters or OffsiteCounters(registry)
+            )
         self.barman = make_barman(settings)
         self.engine = pitr_engine(settings)
         self.switcher = WalSwitcher(self.engine)
@@ -82,6 +95,8 @@ class PitrService:
         pitr = self.settings.pitr
         self._scheduler = scheduler
         self.barman.prepare()
+        if self.shipper is not None:
+            self.shipper.start()
         now = datetime.now(UTC)
         scheduler.add_job(
             self.supervise,
@@ -117,7 +132,24 @@ class PitrService:
             return [f"pitr: WAL streaming down for {time.time() - down_since:.0f}s"]
         return []
 
+    def readiness_detail(self) -> dict[str, Any]:
+        """For ``/readyz``: whether the off-host store takes our copies. Said, not failed on:
+        a store outage must not take the sidecar (and its metrics) out of service."""
+        if self.shipper is None:
+            return {}
+        status = self.shipper.status
+        return {
+            "offsite": {
+                "ok": status.store_ok,
+                "detail": status.store_detail,
+                "kind": status.store_kind,
+                "shipping": self.shipper.alive(),
+            }
+        }
+
     def stop(self) -> None:
+        if self.shipper is not None:
+            self.shipper.stop()
         try:
             self.barman.stop_receive_wal()
         except BarmanError as error:
@@ -141,6 +173,8 @@ class PitrService:
             self.barman.cron()
         except BarmanError as error:
             log.error("pitr: barman cron failed: %s", error)
+        if self.shipper is not None:
+            self.shipper.scan()
         snapshot = self.refresh()
         # A backup still waiting for its WAL counts: taking another would not help it.
         pending = [b for b in snapshot.backups if b.status in ("STARTED", "WAITING_FOR_WALS")]
@@ -248,6 +282,8 @@ class PitrService:
                 self.barman.archive_wal()
                 newest = archived_wal(self.settings.pitr)[1]
                 if newest is not None and segment_end_lsn(newest) >= closed_end:
+                    if self.shipper is not None:
+                        self.shipper.scan()
                     return
                 if time.monotonic() > deadline:
                     log.warning("pitr: the switched segment is not archived yet; cron will")
@@ -274,6 +310,8 @@ class PitrService:
             self._backup_lock.release()
         self.last_backup_error = None
         self.counters.base_backups.labels("ok").inc()
+        if self.shipper is not None:
+            self.shipper.scan()
         try:
             close_gap(self.settings.pitr.state_file, backup.id)
         except OSError as error:

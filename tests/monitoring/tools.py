@@ -48,6 +48,8 @@ ALERTS = (
     "DbopsBaseBackupStale",
     "DbopsPitrDrillFailed",
     "DbopsPitrDrillStale",
+    "DbopsOffsiteLag",
+    "DbopsOffsiteUploadFailing",
 )
 
 
