@@ -304,10 +304,11 @@ class PitrService:
         self.counters.drills.labels("ok" if record.ok else "failed").inc()
         if record.ok:
             log.info(
-                "pitr: drill ok: %s restored to %s in %.1fs",
+                "pitr: drill ok: %s restored to %s in %.1fs%s",
                 record.backup_id,
                 record.target_time,
                 record.seconds,
+                "; kept from retention" if record.kept else "",
             )
         else:
             log.error("pitr: drill FAILED after %.1fs: %s", record.seconds, record.error)
