@@ -194,6 +194,13 @@ def restore(
     elif target.kind == "lsn":
         assert target.lsn is not None
         args += ["--target-lsn", format_lsn(target.lsn), "--target-action", "promote"]
+    else:
+        # Without any target Barman writes no recovery settings and puts the WAL in pg_wal: the
+        # server would crash-recover and go on writing the archive's own timeline, giving a
+        # second history under the names of segments already archived. A timeline target
+        # makes it an archive recovery that replays every archived segment, then promotes
+        # onto a new timeline, like a recovery to a time.
+        args += ["--target-tli", "latest"]
     started = time.monotonic()
     try:
         barman.run(*args, timeout=timeout)
