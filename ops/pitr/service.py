@@ -39,6 +39,7 @@ DRILL_JOB = "dbops-pitr-drill"
 SOON_JOB = "dbops-pitr-base-now"
 PITR_APPLICATION_NAME = "dbops-pitr"
 MISFIRE_GRACE = 3600
+STOP_WAIT = 120.0  # seconds stop() waits for a supervision run under way
 ARCHIVE_WAIT = 10.0  # seconds a switch waits for streaming to deliver the closed segment
 
 
@@ -77,6 +78,10 @@ class PitrService:
         self.streaming_since_down: float | None = None  # when streaming was last seen down
         self.last_backup_error: str | None = None
         self._backup_lock = threading.Lock()
+        # Held while supervision runs: stop() waits for it, so a `barman cron` already under way
+        # cannot start receive-wal again after stop() ended it (it would outlive the sidecar).
+        self._supervise_lock = threading.Lock()
+        self._stopping = threading.Event()
         self._newest: BackupInfo | None = None  # show-backup of the newest good one, cached
         self.counters = PitrCounters(registry)
         self._scheduler: BaseScheduler | None = None
@@ -127,17 +132,31 @@ class PitrService:
         return []
 
     def stop(self) -> None:
+        self._stopping.set()
+        held = self._supervise_lock.acquire(timeout=STOP_WAIT)
+        if not held:
+            log.warning(
+                "pitr: supervision still runs after %gs; stopping streaming anyway", STOP_WAIT
+            )
         try:
             self.barman.stop_receive_wal()
         except BarmanError as error:
             log.error("pitr: stopping WAL streaming failed: %s", error)
         finally:
+            if held:
+                self._supervise_lock.release()
             self.engine.dispose()
 
     # -- jobs -------------------------------------------------------------------------------
     def supervise(self) -> None:
         """``barman cron``, then a fresh snapshot; the first base backup when there is none.
-        A lost slot or a new timeline (the server was recovered) restarts streaming first."""
+        A lost slot or a new timeline (the server was recovered) restarts streaming first.
+        Never once the service is stopping: that would start streaming again."""
+        with self._supervise_lock:
+            if not self._stopping.is_set():
+                self._supervise()
+
+    def _supervise(self) -> None:
         started = time.monotonic()
         snapshot = self.refresh()
         if new_timeline(snapshot):
