@@ -28,7 +28,15 @@ from ops.pitr.metrics import PitrCollector, PitrCounters
 from ops.pitr.restore import WAL_SEGMENT_BYTES, parse_lsn, segment_end_lsn
 from ops.pitr.settings import SERVER_NAME
 from ops.pitr.state import close_gap, record_gap
-from ops.pitr.status import PitrStatus, archived_wal, gather, new_timeline
+from ops.pitr.status import (
+    PitrStatus,
+    archived_wal,
+    gather,
+    new_timeline,
+    streamed_files,
+    timeline_of,
+    went_back,
+)
 from ops.pitr.walswitch import WalSwitcher
 from ops.settings import Settings
 
@@ -162,6 +170,9 @@ class PitrService:
         if new_timeline(snapshot):
             self.follow_new_timeline(snapshot)
             return
+        if went_back(snapshot, self.settings.pitr):
+            self.follow_earlier_timeline(snapshot)
+            return
         if snapshot.slot is not None and snapshot.slot.wal_status == "lost":
             self.recover_lost_slot(snapshot)
             return
@@ -198,6 +209,41 @@ class PitrService:
             self.barman.cron()
         except BarmanError as error:
             log.error("pitr: restarting streaming on the new timeline failed: %s", error)
+            return
+        self.refresh()
+        self.base_backup_soon()
+
+    def follow_earlier_timeline(self, snapshot: PitrStatus) -> None:
+        """The data from before a recovery was put back (README's way back): the server writes
+        an earlier timeline than streaming holds. The later timeline's streamed files are moved
+        aside into PITR_DIR (kept, never deleted), streaming restarts from the server's
+        position, and a fresh base backup follows: base backups taken on the abandoned
+        timeline cannot replay the earlier one."""
+        current = timeline_of(snapshot.current_wal or "")
+        aside = self.settings.pitr.directory / (
+            "streaming-set-aside-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        )
+        log.warning(
+            "pitr: the server writes %s, streaming holds a later timeline: the data from before "
+            "a recovery was put back; moving that timeline's streamed files to %s, restarting "
+            "streaming and taking a fresh base backup",
+            snapshot.current_wal,
+            aside,
+        )
+        try:
+            self.barman.stop_receive_wal()
+            later = [path for timeline, path in streamed_files(self.settings.pitr)
+                     if timeline > current]  # fmt: skip
+            aside.mkdir(mode=0o700, exist_ok=True)
+            for path in later:
+                path.rename(aside / path.name)
+            self.barman.run("receive-wal", "--reset", SERVER_NAME)
+            self.barman.cron()
+        except BarmanError as error:
+            log.error("pitr: restarting streaming on the earlier timeline failed: %s", error)
+            return
+        except OSError as error:
+            log.error("pitr: moving streamed files aside failed: %s", error.strerror)
             return
         self.refresh()
         self.base_backup_soon()
