@@ -391,6 +391,14 @@ def test_plain_make_recover_keeps_every_committed_row_and_going_back_restores_th
         )
         == "2"
     )  # the timeline from before the recovery, not the recovered one
+    # the sidecar sets the later timeline's streamed files aside and streams timeline 2 again
+    wait_until(
+        lambda: json.loads(stack.exec_ops("pitr", "status", "--json").stdout or "{}").get(
+            "streaming"
+        ),
+        300,
+        "streaming again after going back",
+    )
     stack.psql("DROP TABLE latest_probe")
 
 
