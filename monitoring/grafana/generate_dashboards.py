@@ -537,12 +537,175 @@ def backups() -> dict[str, Any]:
     )  # fmt: skip
 
 
+# A drill's last result: 1 proved its recovery point, 0 failed.
+DRILL_MAPPING = {
+    "type": "value",
+    "options": {
+        "0": {"text": "FAILED", "color": "red", "index": 0},
+        "1": {"text": "OK", "color": "green", "index": 1},
+    },
+}
+# Off-host panels read dbops_offsite_*, which exist only where an off-host store is configured
+# (OFFSITE_S3_URL); their titles start with this, and the live tests hold them to it.
+OFFSITE = "Off-host"
+
+
+def recovery() -> dict[str, Any]:
+    return dashboard(
+        "dbops-recovery",
+        "dbops / Recovery",
+        "Point-in-time recovery: the window one can recover into, on this host and off it, how "
+        "far WAL streaming trails, the slot against its cap, base backups and the drill.",
+        [INSTANCE],
+        [
+            Row("Recoverable window"),
+            Panel("Local window: earliest point", "stat", "dateTimeAsIso",
+                  [instant(f"max(dbops_pitr_recovery_window_start_timestamp_seconds{{{INST}}} > 0)"
+                           " * 1000")],
+                  "The end of the oldest base backup in PITR_DIR: nothing before it can be "
+                  "recovered here.", width=6, height=4),
+            Panel("Local window: latest point", "stat", "dateTimeAsIso",
+                  [instant(f"max(dbops_pitr_wal_last_archived_timestamp_seconds{{{INST}}} > 0)"
+                           " * 1000")],
+                  "When the newest WAL segment in the archive was closed: `--target latest` "
+                  "reaches at least this far.", width=6, height=4),
+            Panel(f"{OFFSITE} window: earliest point", "stat", "dateTimeAsIso",
+                  [instant("max(dbops_offsite_recovery_window_start_timestamp_seconds"
+                           f"{{{INST}}} > 0) * 1000")],
+                  "The oldest base backup in the object store: the earliest point a recovery "
+                  "from off the host can reach.", width=6, height=4),
+            Panel(f"{OFFSITE} window: latest point", "stat", "dateTimeAsIso",
+                  [instant(f"max(dbops_offsite_wal_last_shipped_timestamp_seconds{{{INST}}} > 0)"
+                           " * 1000")],
+                  "The newest WAL segment shipped to the object store.", width=6, height=4),
+            Panel("Local window length", "timeseries", "s",
+                  [q(f"dbops_pitr_wal_last_archived_timestamp_seconds{{{INST}}}"
+                     f" - dbops_pitr_recovery_window_start_timestamp_seconds{{{INST}}} > 0",
+                     "{{instance}}")],
+                  "How far back one can recover on this host (about PITR_RETENTION once "
+                  "the window has filled)."),
+            Panel(f"{OFFSITE} window length", "timeseries", "s",
+                  [q(f"dbops_offsite_wal_last_shipped_timestamp_seconds{{{INST}}}"
+                     f" - dbops_offsite_recovery_window_start_timestamp_seconds{{{INST}}} > 0",
+                     "{{instance}}")],
+                  "How far back one can recover from the object store."),
+            Row("WAL streaming"),
+            Panel("WAL streaming", "stat", "none",
+                  [instant(f"min(dbops_pitr_streaming_up{{{INST}}})")],
+                  "pg_receivewal streams through the slot; DbopsWalStreamingDown fires when "
+                  "not.", width=4, height=4, mappings=[UP_MAPPING]),
+            Panel("Slot status", "stat", "none",
+                  [instant(f"dbops_pitr_slot_status{{{INST}}} == 1", "{{wal_status}}")],
+                  "The slot's wal_status: reserved is normal; lost means WAL was dropped "
+                  "(DbopsWalSlotLost).", width=4, height=4),
+            Panel("Newest archived WAL age", "stat", "s",
+                  [instant(f"time() - max(dbops_pitr_wal_last_archived_timestamp_seconds"
+                           f"{{{INST}}} > 0)")],
+                  "Since the newest archived segment was closed; with writes it stays under "
+                  "PITR_ARCHIVE_TIMEOUT, without writes it grows (nothing to switch out).",
+                  width=4, height=4),
+            Panel("Slot retained / cap", "stat", "percentunit",
+                  [instant(f"max(dbops_pitr_slot_retained_bytes{{{INST}}}"
+                           f" / dbops_pitr_slot_max_retained_bytes{{{INST}}})")],
+                  "WAL the server holds for the slot, as a share of max_slot_wal_keep_size; "
+                  "DbopsWalSlotRetentionHigh fires past 50 %.", width=4, height=4,
+                  thresholds=[(0.5, "orange"), (0.9, "red")], min=0, max=1),
+            Panel("Failing barman check items", "stat", "short",
+                  [instant(f"max(dbops_pitr_check_failures{{{INST}}})")],
+                  "How many `barman check` items fail (`ops pitr check` names them).",
+                  width=4, height=4, thresholds=[(1, "red")]),
+            Panel("Which barman checks fail", "table", "short",
+                  [instant(f"max by (check) (dbops_pitr_check_failed{{{INST}}})", "{{check}}",
+                           format="table")],
+                  "One row per failing item; empty when every check passes.",
+                  width=4, height=4),
+            Panel("WAL lag (bytes)", "timeseries", "bytes",
+                  [q(f"dbops_pitr_wal_lag_bytes{{{INST}}}", "{{instance}}")],
+                  "WAL the server wrote that streaming has not yet flushed."),
+            Panel("WAL lag (seconds)", "timeseries", "s",
+                  [q(f"dbops_pitr_wal_lag_seconds{{{INST}}}", "flush lag {{instance}}"),
+                   q(f"time() - dbops_pitr_wal_last_archived_timestamp_seconds{{{INST}}} > 0",
+                     "archive age {{instance}}")],
+                  "Streaming's flush lag as the server measures it, and how old the newest "
+                  "archived segment is (what `--target latest` could lose in a crash)."),
+            Panel("Slot retained WAL against the cap", "timeseries", "bytes",
+                  [q(f"dbops_pitr_slot_retained_bytes{{{INST}}}", "retained {{instance}}"),
+                   q(f"dbops_pitr_slot_max_retained_bytes{{{INST}}}", "cap"),
+                   q(f"0.5 * dbops_pitr_slot_max_retained_bytes{{{INST}}}", "alert (50 %)")],
+                  "Past the cap the server drops the slot's WAL and the archive has a gap.",
+                  width=24),
+            Row("Base backups"),
+            Panel("Newest base backup age", "stat", "s",
+                  [instant(f"time() - max(dbops_pitr_base_backup_last_success_timestamp_seconds"
+                           f"{{{INST}}} > 0)")],
+                  "DbopsBaseBackupStale fires past twice PITR_BASEBACKUP_SCHEDULE's interval.",
+                  width=6, height=4),
+            Panel("Base backups retained", "stat", "short",
+                  [instant(f"sum(dbops_pitr_base_backups_retained{{{INST}}})")],
+                  "Good base backups Barman keeps (the recovery window and PITR_MIN_REDUNDANCY, "
+                  "plus the one the last good drill proved).", width=6, height=4),
+            Panel("Base backup running", "stat", "none",
+                  [instant(f"max(dbops_pitr_base_backup_in_progress{{{INST}}})")],
+                  "1 while a base backup runs.", width=6, height=4, mappings=[BUSY_MAPPING]),
+            Panel("Base backup interval", "stat", "s",
+                  [instant(f"max(dbops_pitr_base_backup_interval_seconds{{{INST}}})")],
+                  "PITR_BASEBACKUP_SCHEDULE as an interval.", width=6, height=4),
+            Panel("Base backup age against its limit", "timeseries", "s",
+                  [q(f"time() - dbops_pitr_base_backup_last_success_timestamp_seconds{{{INST}}}"
+                     " > 0", "age {{instance}}"),
+                   q(f"2 * dbops_pitr_base_backup_interval_seconds{{{INST}}}",
+                     "limit (2 x interval)")],
+                  "DbopsBaseBackupStale fires when the age crosses the limit.", width=8),
+            Panel("Base backup duration", "timeseries", "s",
+                  [q(f"dbops_pitr_base_backup_last_duration_seconds{{{INST}}}", "{{instance}}")],
+                  "How long the newest good base backup took.", width=8),
+            Panel("Base backup size", "timeseries", "bytes",
+                  [q(f"dbops_pitr_base_backup_last_size_bytes{{{INST}}}", "{{instance}}")],
+                  "Size of the newest good base backup.", width=8),
+            Row("PITR drill"),
+            Panel("Last drill", "stat", "none",
+                  [instant(f"min(dbops_pitr_drill_last_ok{{{INST}}})")],
+                  "Whether the last drill found exactly the rows committed before its target "
+                  "(DbopsPitrDrillFailed).", width=6, height=4, mappings=[DRILL_MAPPING]),
+            Panel("Last drill duration (RTO)", "stat", "s",
+                  [instant(f"max(dbops_pitr_drill_last_duration_seconds{{{INST}}})")],
+                  "Restore, replay to the target and checks: the measured recovery time.",
+                  width=6, height=4),
+            Panel("Last successful drill age", "stat", "s",
+                  [instant(f"time() - max(dbops_pitr_drill_last_success_timestamp_seconds"
+                           f"{{{INST}}} > 0)")],
+                  "DbopsPitrDrillStale fires past twice PITR_DRILL_SCHEDULE's interval.",
+                  width=6, height=4),
+            Panel("Drill interval", "stat", "s",
+                  [instant(f"max(dbops_pitr_drill_interval_seconds{{{INST}}})")],
+                  "PITR_DRILL_SCHEDULE as an interval.", width=6, height=4),
+            Panel("Drill duration", "timeseries", "s",
+                  [q(f"dbops_pitr_drill_last_duration_seconds{{{INST}}}", "{{instance}}")],
+                  "The recovery time each drill measured."),
+            Panel("Successful drill age against its limit", "timeseries", "s",
+                  [q(f"time() - dbops_pitr_drill_last_success_timestamp_seconds{{{INST}}} > 0",
+                     "age {{instance}}"),
+                   q(f"2 * dbops_pitr_drill_interval_seconds{{{INST}}}", "limit (2 x interval)")],
+                  "DbopsPitrDrillStale fires when the age crosses the limit."),
+            Row(f"{OFFSITE} copies"),
+            Panel(f"{OFFSITE} WAL lag", "timeseries", "s",
+                  [q(f"dbops_offsite_wal_lag_seconds{{{INST}}}", "{{instance}}")],
+                  "How far the object store's newest WAL trails the local archive "
+                  "(DbopsOffsiteLag)."),
+            Panel(f"{OFFSITE} upload queue", "timeseries", "short",
+                  [q(f"dbops_offsite_queue_files{{{INST}}}", "{{what}}")],
+                  "Files waiting to be shipped, by kind (wal, basebackup, dump)."),
+        ],
+    )  # fmt: skip
+
+
 DASHBOARDS = {
     "overview.json": overview,
     "connection-pools.json": pools,
     "queries.json": queries,
     "storage.json": storage,
     "backups.json": backups,
+    "recovery.json": recovery,
 }
 
 

@@ -203,7 +203,7 @@ def run_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _backup_row(backup: Any) -> dict[str, Any]:
+def _backup_row(backup: Any, proven: str | None = None) -> dict[str, Any]:
     return {
         "id": backup.id,
         "status": backup.status,
@@ -215,11 +215,16 @@ def _backup_row(backup: Any) -> dict[str, Any]:
         "end_lsn": backup.end_lsn,
         "timeline": backup.timeline,
         "retention_status": backup.retention_status,
+        # Barman's keep annotation (never deleted by retention), and whether it is ours: the
+        # backup the last good drill restored and checked.
+        "kept": (backup.retention_status or "").startswith("KEEP"),
+        "proven_by_drill": backup.id == proven,
     }
 
 
 def run_list(args: argparse.Namespace) -> int:
     from ops.pitr.barman import BarmanError, make_barman
+    from ops.pitr.keep import kept_backup
 
     settings = _settings()
     if settings is None:
@@ -230,15 +235,18 @@ def run_list(args: argparse.Namespace) -> int:
         backups = barman.backups()
     except BarmanError as error:
         return _fail(str(error))
+    proven = kept_backup(settings.pitr.state_file)
+    rows = [_backup_row(b, proven) for b in backups]
     if args.json:
-        print(json.dumps([_backup_row(b) for b in backups], indent=2))
+        print(json.dumps(rows, indent=2))
         return EXIT_OK
     print(f"{'ID':<17} {'ENDED (UTC)':<24} {'SIZE':>10} {'WAL':>10}  {'STATUS':<8} RETENTION")
-    for backup in backups:
+    for backup, row in zip(backups, rows, strict=True):
+        note = " (kept: proven by the last good drill)" if row["proven_by_drill"] else ""
         print(
             f"{backup.id:<17} {_when(backup.end_time):<24} {_size(backup.size_bytes):>10} "
             f"{_size(backup.wal_size_bytes):>10}  {backup.status:<8} "
-            f"{backup.retention_status or '-'}"
+            f"{backup.retention_status or '-'}{note}"
         )
     return EXIT_OK
 
@@ -315,6 +323,7 @@ def run_drill(args: argparse.Namespace) -> int:
         print(
             f"pitr drill ok: restored {record.backup_id} to {record.target_time} "
             f"and found exactly the rows committed before it, in {record.seconds:.1f}s"
+            + ("; that base backup is now kept from retention" if record.kept else "")
         )
     else:
         print(f"pitr drill FAILED after {record.seconds:.1f}s: {record.error}", file=sys.stderr)

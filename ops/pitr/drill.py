@@ -25,6 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
 from ops.pitr.barman import Barman, BarmanError
+from ops.pitr.keep import protect_proven
 from ops.pitr.restore import RestoreRefused, Target, parse_lsn, restore, segment_end_lsn
 from ops.pitr.scratch import ScratchError, ScratchServer, server_bindir
 from ops.pitr.state import DrillRecord, record_drill
@@ -152,6 +153,20 @@ def check_markers(server: ScratchServer, user: str, run_id: str) -> None:
         raise DrillFailed("the marker committed after T is present: recovery overshot T")
 
 
+def _protect(barman: Barman, backup_id: str) -> bool:
+    """Keep the backup the drill proved from retention; a failure is logged, and the drill's
+    result stands (the recovery point was proven; its protection is a separate matter)."""
+    try:
+        protect_proven(barman, backup_id)
+    except BarmanError as failure:
+        log.error("pitr: keeping the proven base backup %s failed: %s", backup_id, failure)
+        return False
+    except OSError as failure:
+        log.error("pitr: recording the kept base backup failed: %s", failure.strerror)
+        return False
+    return True
+
+
 def drill(settings: Settings, barman: Barman) -> DrillRecord:
     """Run one drill, record its result in PITR_DIR, and return it (never raises for a
     failed drill: the failure is the result)."""
@@ -162,6 +177,7 @@ def drill(settings: Settings, barman: Barman) -> DrillRecord:
     root: Path | None = None
     server: ScratchServer | None = None
     error: str | None = None
+    kept = False
     try:
         target, lsn = write_markers(settings, run_id)
         target_text = target.isoformat()
@@ -191,6 +207,8 @@ def drill(settings: Settings, barman: Barman) -> DrillRecord:
             server.stop()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
+    if error is None and backup_id is not None:
+        kept = _protect(barman, backup_id)
     record = DrillRecord(
         at=time.time(),
         ok=error is None,
@@ -198,6 +216,7 @@ def drill(settings: Settings, barman: Barman) -> DrillRecord:
         backup_id=backup_id,
         target_time=target_text,
         error=error,
+        kept=kept,
     )
     try:
         record_drill(settings.pitr.state_file, record)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
 from ops.pitr.settings import SERVER_NAME
-from ops.pitr.status import PitrStatus
+from ops.pitr.status import PitrStatus, latest_archived_timeline
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 WAL_SEGMENT_BYTES = 16 * 1024**2  # PostgreSQL's default; Barman's catalogue assumes it too
@@ -196,6 +196,16 @@ def restore(
     elif target.kind == "lsn":
         assert target.lsn is not None
         args += ["--target-lsn", format_lsn(target.lsn), "--target-action", "promote"]
+    else:
+        # Without any target Barman writes no recovery settings and puts the WAL in pg_wal: the
+        # server would crash-recover and go on writing the archive's own timeline, giving a
+        # second history under the names of segments already archived. A timeline target
+        # makes it an archive recovery that replays every archived segment, then promotes
+        # onto a new timeline, like a recovery to a time. It follows the timeline archived
+        # last: after going back to the data from before a recovery that is the earlier one,
+        # which PostgreSQL's "latest" (the highest number in the archive) would not be.
+        timeline = latest_archived_timeline(barman.settings)
+        args += ["--target-tli", str(timeline) if timeline else "latest"]
     started = time.monotonic()
     try:
         barman.run(*args, timeout=timeout)

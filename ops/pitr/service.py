@@ -30,7 +30,15 @@ from ops.pitr.metrics import PitrCollector, PitrCounters
 from ops.pitr.restore import WAL_SEGMENT_BYTES, parse_lsn, segment_end_lsn
 from ops.pitr.settings import SERVER_NAME
 from ops.pitr.state import close_gap, record_gap
-from ops.pitr.status import PitrStatus, archived_wal, gather, new_timeline
+from ops.pitr.status import (
+    PitrStatus,
+    archived_wal,
+    gather,
+    new_timeline,
+    streamed_files,
+    timeline_of,
+    went_back,
+)
 from ops.pitr.walswitch import WalSwitcher
 from ops.settings import Settings
 
@@ -41,6 +49,7 @@ DRILL_JOB = "dbops-pitr-drill"
 SOON_JOB = "dbops-pitr-base-now"
 PITR_APPLICATION_NAME = "dbops-pitr"
 MISFIRE_GRACE = 3600
+STOP_WAIT = 120.0  # seconds stop() waits for a supervision run under way
 ARCHIVE_WAIT = 10.0  # seconds a switch waits for streaming to deliver the closed segment
 
 
@@ -81,6 +90,10 @@ class PitrService:
         self.streaming_since_down: float | None = None  # when streaming was last seen down
         self.last_backup_error: str | None = None
         self._backup_lock = threading.Lock()
+        # Held while supervision runs: stop() waits for it, so a `barman cron` already under way
+        # cannot start receive-wal again after stop() ended it (it would outlive the sidecar).
+        self._supervise_lock = threading.Lock()
+        self._stopping = threading.Event()
         self._newest: BackupInfo | None = None  # show-backup of the newest good one, cached
         self.counters = PitrCounters(registry)
         self._scheduler: BaseScheduler | None = None
@@ -150,21 +163,38 @@ class PitrService:
     def stop(self) -> None:
         if self.shipper is not None:
             self.shipper.stop()
+        self._stopping.set()
+        held = self._supervise_lock.acquire(timeout=STOP_WAIT)
+        if not held:
+            log.warning(
+                "pitr: supervision still runs after %gs; stopping streaming anyway", STOP_WAIT
+            )
         try:
             self.barman.stop_receive_wal()
         except BarmanError as error:
             log.error("pitr: stopping WAL streaming failed: %s", error)
         finally:
+            if held:
+                self._supervise_lock.release()
             self.engine.dispose()
 
     # -- jobs -------------------------------------------------------------------------------
     def supervise(self) -> None:
         """``barman cron``, then a fresh snapshot; the first base backup when there is none.
-        A lost slot or a new timeline (the server was recovered) restarts streaming first."""
+        A lost slot or a new timeline (the server was recovered) restarts streaming first.
+        Never once the service is stopping: that would start streaming again."""
+        with self._supervise_lock:
+            if not self._stopping.is_set():
+                self._supervise()
+
+    def _supervise(self) -> None:
         started = time.monotonic()
         snapshot = self.refresh()
         if new_timeline(snapshot):
             self.follow_new_timeline(snapshot)
+            return
+        if went_back(snapshot, self.settings.pitr):
+            self.follow_earlier_timeline(snapshot)
             return
         if snapshot.slot is not None and snapshot.slot.wal_status == "lost":
             self.recover_lost_slot(snapshot)
@@ -204,6 +234,41 @@ class PitrService:
             self.barman.cron()
         except BarmanError as error:
             log.error("pitr: restarting streaming on the new timeline failed: %s", error)
+            return
+        self.refresh()
+        self.base_backup_soon()
+
+    def follow_earlier_timeline(self, snapshot: PitrStatus) -> None:
+        """The data from before a recovery was put back (README's way back): the server writes
+        an earlier timeline than streaming holds. The later timeline's streamed files are moved
+        aside into PITR_DIR (kept, never deleted), streaming restarts from the server's
+        position, and a fresh base backup follows: base backups taken on the abandoned
+        timeline cannot replay the earlier one."""
+        current = timeline_of(snapshot.current_wal or "")
+        aside = self.settings.pitr.directory / (
+            "streaming-set-aside-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        )
+        log.warning(
+            "pitr: the server writes %s, streaming holds a later timeline: the data from before "
+            "a recovery was put back; moving that timeline's streamed files to %s, restarting "
+            "streaming and taking a fresh base backup",
+            snapshot.current_wal,
+            aside,
+        )
+        try:
+            self.barman.stop_receive_wal()
+            later = [path for timeline, path in streamed_files(self.settings.pitr)
+                     if timeline > current]  # fmt: skip
+            aside.mkdir(mode=0o700, exist_ok=True)
+            for path in later:
+                path.rename(aside / path.name)
+            self.barman.run("receive-wal", "--reset", SERVER_NAME)
+            self.barman.cron()
+        except BarmanError as error:
+            log.error("pitr: restarting streaming on the earlier timeline failed: %s", error)
+            return
+        except OSError as error:
+            log.error("pitr: moving streamed files aside failed: %s", error.strerror)
             return
         self.refresh()
         self.base_backup_soon()
@@ -333,10 +398,11 @@ class PitrService:
         self.counters.drills.labels("ok" if record.ok else "failed").inc()
         if record.ok:
             log.info(
-                "pitr: drill ok: %s restored to %s in %.1fs",
+                "pitr: drill ok: %s restored to %s in %.1fs%s",
                 record.backup_id,
                 record.target_time,
                 record.seconds,
+                "; kept from retention" if record.kept else "",
             )
         else:
             log.error("pitr: drill FAILED after %.1fs: %s", record.seconds, record.error)

@@ -23,6 +23,7 @@ class DrillRecord:
     backup_id: str | None = None
     target_time: str | None = None
     error: str | None = None
+    kept: bool = False  # the proven base backup is protected from retention (ops.pitr.keep)
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def _record(value: Any) -> DrillRecord | None:
             backup_id=value.get("backup_id"),
             target_time=value.get("target_time"),
             error=value.get("error"),
+            kept=bool(value.get("kept", False)),
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -7,6 +7,7 @@ server that does not answer still leaves the archive's side of the answer, and s
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,6 +110,57 @@ def new_timeline(status: PitrStatus) -> bool:
     if not status.current_wal or not status.last_wal_archived:
         return False
     return timeline_of(status.current_wal) > timeline_of(status.last_wal_archived)
+
+
+_STREAMED = re.compile(r"^([0-9A-F]{8})[0-9A-F]{16}(\.partial)?$")
+
+
+def streaming_directory(settings: PitrSettings) -> Path:
+    return settings.barman_home / SERVER_NAME / "streaming"
+
+
+def streamed_files(settings: PitrSettings) -> list[tuple[int, Path]]:
+    """Segments (and the ``.partial`` one) in receive-wal's directory, with their timeline."""
+    try:
+        entries = list(streaming_directory(settings).iterdir())
+    except OSError:
+        return []
+    found = []
+    for path in entries:
+        match = _STREAMED.match(path.name)
+        if match:
+            found.append((int(match.group(1), 16), path))
+    return sorted(found)
+
+
+def went_back(status: PitrStatus, settings: PitrSettings) -> bool:
+    """Whether the server writes an earlier timeline than streaming last received: the data
+    from before a recovery was put back. receive-wal refuses to reset to a position "behind"
+    what it holds, so streaming stays down until those files are set aside."""
+    if not status.current_wal:
+        return False
+    current = timeline_of(status.current_wal)
+    return any(timeline > current for timeline, _ in streamed_files(settings))
+
+
+def latest_archived_timeline(settings: PitrSettings) -> int | None:
+    """The timeline of the segment archived last (by when it was closed, not by name): the
+    history the server wrote most recently, which a recovery to the latest point follows.
+    After going back that is the earlier timeline again, not the abandoned later one."""
+    wals = settings.barman_home / SERVER_NAME / "wals"
+    newest: tuple[float, int] | None = None
+    for catalogue in sorted(wals.glob("*xlog.db")):
+        for line in _lines(catalogue):
+            parts = line.split()
+            if len(parts) < 3 or not re.fullmatch(r"[0-9A-F]{24}", parts[0]):
+                continue
+            try:
+                closed = float(parts[2])
+            except ValueError:
+                continue
+            if newest is None or closed >= newest[0]:
+                newest = (closed, timeline_of(parts[0]))
+    return newest[1] if newest else None
 
 
 def archived_wal(settings: PitrSettings) -> tuple[int, str | None, float | None]:

@@ -113,6 +113,9 @@ def test_restore_latest_recovers_every_committed_row(
     root = scratch
     ops_json("pitr", "restore", str(root / "data"), "--target", "latest", env=env)
     assert restored_ids(cluster, root / "data") == expected
+    # an archive recovery that promoted onto a timeline of its own, not a crash recovery that
+    # goes on writing the archive's timeline under names already archived
+    assert (root / "data" / "pg_wal" / "00000002.history").is_file()
 
 
 @pytest.mark.parametrize("offset", [timedelta(days=-1), timedelta(days=1)])

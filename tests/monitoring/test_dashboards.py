@@ -1,6 +1,7 @@
 """Grafana dashboards and provisioning: generated JSON is current and every panel is complete.
 
-Whether the queries return data is proven against a live Prometheus in test_live_prometheus.py.
+Whether the queries return data is proven against a live Prometheus in test_live_prometheus.py,
+and for the Recovery dashboard (PITR) in tests/integration/test_pitr_dashboard.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ EXPECTED = {
     "dbops-queries",
     "dbops-storage",
     "dbops-backups",
+    "dbops-recovery",
 }
 VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range"}
@@ -40,7 +42,7 @@ def test_committed_dashboards_match_their_generator() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_the_five_dashboards_are_provisioned_from_the_mounted_directory() -> None:
+def test_the_six_dashboards_are_provisioned_from_the_mounted_directory() -> None:
     assert {board["uid"] for board in dashboards().values()} == EXPECTED
     provider = load_yaml(GRAFANA / "provisioning" / "dashboards" / "dbops.yml")["providers"][0]
     assert provider["type"] == "file"
