@@ -37,7 +37,7 @@ from ops.offsite.dumpservice import DumpShippingService
 from ops.settings import Settings
 from tests.conftest import Server, env_for
 from tests.integration.backup_helpers import REPO, ops, populate, settings_for
-from tests.objectstore import ObjectStore, bucket, object_store  # noqa: F401
+from tests.objectstore import ObjectStore
 
 
 @pytest.fixture
@@ -125,8 +125,8 @@ def test_dump_round_trip_restores_from_the_store_with_no_local_backups(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
     pg: Server,
     target: str,
 ) -> None:
@@ -167,8 +167,8 @@ def test_directory_format_dump_goes_up_in_parts_and_comes_back(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
     pg: Server,
     target: str,
 ) -> None:
@@ -212,8 +212,8 @@ def test_store_cut_mid_upload_keeps_the_queue_and_ships_in_order_when_back(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     engine = create_engine(source)
     with engine.begin() as connection:
@@ -284,8 +284,8 @@ def test_refused_credentials_or_missing_bucket_are_one_line_and_backups_go_on(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     env = offsite_env(object_store, bucket, tmp_path)
     if fault == "credentials":
@@ -314,8 +314,8 @@ def shipped(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> tuple[Settings, dict[str, str], str]:
     env = offsite_env(object_store, bucket, tmp_path)
     backup_id = verified_backup(source, backups, env)
@@ -346,8 +346,8 @@ def test_damaged_or_hostile_objects_in_the_store_are_refused_before_pg_restore(
     shipped: tuple[Settings, dict[str, str], str],
     source: URL,
     backups: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
     pg: Server,
     target: str,
 ) -> None:
@@ -409,8 +409,8 @@ def test_offsite_retention_deletes_only_what_dbops_wrote(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     keep_one = {
         "BACKUP_KEEP_LAST": "1",
@@ -454,8 +454,8 @@ def test_local_retention_keeps_a_backup_still_waiting_for_the_store(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     env = offsite_env(
         object_store,
@@ -479,8 +479,8 @@ def test_sidecar_queues_a_backup_when_its_drill_passes_and_ships_it(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
 
@@ -500,8 +500,8 @@ def ship_through_the_sidecar(
     source: URL,
     backups: Path,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from prometheus_client import CollectorRegistry
@@ -558,8 +558,8 @@ def test_shipping_never_follows_a_dump_replaced_by_a_link_outside_the_directory(
     backups: Path,
     tmp_path: Path,
     outside: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     env = offsite_env(object_store, bucket, tmp_path)
     backup_id = verified_backup(source, backups, env)

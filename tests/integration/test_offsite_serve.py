@@ -19,7 +19,7 @@ from tests.conftest import run_ops
 from tests.integration.pitr_helpers import REPO, execute, pitr_env, start_pitr_cluster
 from tests.integration.test_backup_serve import get, metric
 from tests.monitoring.tools import rule_metrics
-from tests.objectstore import ObjectStore, bucket, object_store  # noqa: F401
+from tests.objectstore import ObjectStore
 from tests.pgcluster import Cluster, free_port, wait_for
 
 
@@ -35,8 +35,8 @@ def cluster() -> Iterator[Cluster]:
 def test_serve_ships_to_the_store_and_exports_every_offsite_metric_the_rules_read(
     cluster: Cluster,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     port = free_port()
     env = pitr_env(

@@ -20,7 +20,7 @@ from ops.offsite.shipper import Shipper
 from ops.pitr.service import PitrService
 from ops.settings import Settings, load_settings
 from tests.integration.pitr_helpers import execute, pitr_env, start_pitr_cluster
-from tests.objectstore import ObjectStore, bucket, object_store  # noqa: F401
+from tests.objectstore import ObjectStore
 from tests.pgcluster import Cluster
 
 PREFIX = "site-a"
@@ -44,8 +44,8 @@ def settings_for(env: dict[str, str]) -> Settings:
 def service(
     cluster: Cluster,
     tmp_path: Path,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> Iterator[PitrService]:
     env = pitr_env(
         cluster,
@@ -113,8 +113,8 @@ def barman_cloud(service: PitrService, name: str, *args: str) -> str:
 def test_wal_and_base_backup_reach_the_store_in_barman_cloud_layout(
     cluster: Cluster,
     service: PitrService,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     shipper = shipper_of(service)
     service.supervise()  # streaming and the first base backup
@@ -186,7 +186,7 @@ def test_wal_and_base_backup_reach_the_store_in_barman_cloud_layout(
 def test_an_outage_keeps_wal_queued_then_catches_up_in_order_without_a_gap(
     cluster: Cluster,
     service: PitrService,
-    object_store: ObjectStore,  # noqa: F811
+    object_store: ObjectStore,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     shipper = shipper_of(service)
@@ -245,8 +245,8 @@ def test_an_outage_keeps_wal_queued_then_catches_up_in_order_without_a_gap(
 def test_a_wrong_key_and_a_missing_bucket_are_said_plainly_and_streaming_goes_on(
     cluster: Cluster,
     service: PitrService,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     shipper = shipper_of(service)
     service.supervise()
@@ -290,8 +290,8 @@ def test_a_wrong_key_and_a_missing_bucket_are_said_plainly_and_streaming_goes_on
 def test_a_partial_or_stray_object_does_not_corrupt_the_sequence(
     cluster: Cluster,
     service: PitrService,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     shipper = shipper_of(service)
     service.supervise()
@@ -358,8 +358,8 @@ def age_backup_in_store(s3: object, bucket_name: str, backup_id: str, days: int)
 def test_retention_deletes_only_old_backups_and_their_wal_under_our_prefix(
     cluster: Cluster,
     service: PitrService,
-    object_store: ObjectStore,  # noqa: F811
-    bucket: str,  # noqa: F811
+    object_store: ObjectStore,
+    bucket: str,
 ) -> None:
     shipper = shipper_of(service)
     s3 = object_store.client()

@@ -29,7 +29,7 @@ from tests.integration.pitr_helpers import REPO, execute, ops_json, pitr_env, st
 from tests.integration.test_backup_serve import get, metric
 from tests.monitoring.live import Process, Prometheus, http_get
 from tests.monitoring.tools import PROMETHEUS, dashboards, panels, tool
-from tests.objectstore import ObjectStore, bucket, object_store  # noqa: F401
+from tests.objectstore import ObjectStore
 from tests.pgcluster import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(420)
