@@ -309,7 +309,9 @@ def run_drill(args: argparse.Namespace) -> int:
         print(json.dumps(record.__dict__, indent=2))
     elif record.ok:
         print(
-            f"pitr drill ok: restored {record.backup_id} to {record.target_time} "
+            f"pitr drill ok: restored {record.backup_id}"
+            f"{' from the object store' if record.source == 'offsite' else ''} to "
+            f"{record.target_time} "
             f"and found exactly the rows committed before it, in {record.seconds:.1f}s"
         )
     else:

@@ -23,6 +23,7 @@ class DrillRecord:
     backup_id: str | None = None
     target_time: str | None = None
     error: str | None = None
+    source: str = "local"  # PITR_DRILL_SOURCE: this host's archive, or the object store
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def _record(value: Any) -> DrillRecord | None:
             backup_id=value.get("backup_id"),
             target_time=value.get("target_time"),
             error=value.get("error"),
+            source=str(value.get("source") or "local"),
         )
     except (KeyError, TypeError, ValueError):
         return None
