@@ -29,6 +29,16 @@ from typing import Any
 from recover import DATA_MOUNT, PROMOTE_TIMEOUT, docker, going_back, image_of, ops, psql, report
 
 STAGED_WAL = "dbops_offsite_wal"  # ops.offsite.recovery.STAGED_WAL
+RECOVERY_SETTINGS = (
+    "restore_command",
+    "recovery_target_timeline",
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_action",
+)
 
 
 def volume_exists(name: str) -> bool:
@@ -131,6 +141,11 @@ def recover_offsite(stack: Any, args: Any) -> int:
     subprocess.call(stack.compose("exec", "-T", "postgres", "sh", "-c",
                                   f'rm -rf "{DATA_MOUNT}/{STAGED_WAL}"'),
                     env=stack.compose_environ())  # fmt: skip
+    # The recovery settings are spent: out of postgresql.auto.conf, so the next base backup
+    # does not carry them into a later recovery.
+    for name in RECOVERY_SETTINGS:
+        psql(stack, f"ALTER SYSTEM RESET {name}")
+    psql(stack, "SELECT pg_reload_conf()")
     stack.run_compose("up", "-d", *stack.services)
     stack.wait(stack.services, float(stack.setting("STACK_WAIT_TIMEOUT", "180")))
     report(stack, described, volume, kept if had_data else None)

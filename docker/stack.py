@@ -43,8 +43,8 @@ SECRETS = (
     "BACKUP_DB_PASSWORD",
     "ADMIN_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
-    "OPS_ALERTS_TOKEN",
     "OBJECTSTORE_TOKEN",
+    "OPS_ALERTS_TOKEN",
 )
 # needed only when that service runs
 SECRET_OWNER = {"GRAFANA_ADMIN_PASSWORD": "grafana", "OBJECTSTORE_TOKEN": "objectstore"}

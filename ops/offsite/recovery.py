@@ -38,6 +38,13 @@ from ops.pitr.restore import RestoreRefused, Target, choose_backup, format_lsn, 
 from ops.pitr.status import PitrStatus
 
 STAGED_WAL = "dbops_offsite_wal"
+RECOVERY_TARGETS = (
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+)
 RECOVERY_DIR_SUFFIX = ".dbops-offsite"  # beside the data directory: the wrapper and its env
 FETCH_PARALLEL = 4
 # barman-cloud-wal-restore exits 1 when the file is not in the store (the end of the archive);
@@ -191,10 +198,13 @@ def recovery_settings(restore_command: str, target: Target) -> str:
     def quoted(value: str) -> str:
         return "'" + value.replace("'", "''") + "'"
 
+    # Every target is reset first: the base backup's own postgresql.auto.conf may hold the
+    # settings of an earlier recovery, and the last line of a setting wins.
     lines = [
         "# Recovery from the object store (ops pitr restore --from offsite)",
         f"restore_command = {quoted(restore_command)}",
         "recovery_target_timeline = 'latest'",
+        *(f"{name} = ''" for name in RECOVERY_TARGETS),
     ]
     if target.kind == "time":
         assert target.time is not None
