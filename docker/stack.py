@@ -219,8 +219,10 @@ class Stack:
         command += ["--project-directory", str(ROOT), "--env-file", str(self.env_file)]
         for path in self.compose_files():
             command += ["-f", str(path)]
-        if profile:
-            command += ["--profile", "demo"]
+        # A --profile on the command line replaces COMPOSE_PROFILES: name those too, so that
+        # `down` also stops the objectstore.
+        for name in sorted(self.profiles | ({"demo"} if profile else set())):
+            command += ["--profile", name]
         return [*command, *args]
 
     def compose_environ(self) -> dict[str, str]:

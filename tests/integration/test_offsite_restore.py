@@ -259,3 +259,34 @@ def test_offsite_restore_without_offsite_settings_is_a_usage_error(
     assert (
         result.stderr.strip() == "OFFSITE_S3_URL (unset): recovery from the object store needs it"
     )
+
+
+def test_a_segment_missing_from_the_store_stops_recovery_instead_of_promoting_early(
+    shipped: dict[str, Any],
+    object_store: ObjectStore,  # noqa: F811
+    store_bucket: str,
+    workdir: Path,
+) -> None:
+    """Last in the module: it removes a segment from the shared store. Recovery to T cannot
+    get past the hole, so the server stops with PostgreSQL's own reason, at once."""
+    import time
+
+    from ops.pitr.scratch import ScratchError
+
+    cluster = shipped["cluster"]
+    wal_prefix = "dbops/dbops/wals/"
+    holding_t = sorted(object_store.keys(store_bucket, wal_prefix))[-1]  # rows 1-6 and T
+    execute(cluster.url(), "INSERT INTO ledger VALUES (7)")
+    switch_and_ship(object_store, store_bucket, cluster.url())  # the store reaches past it
+    object_store.client().delete_object(Bucket=store_bucket, Key=holding_t)
+    env = fresh_env(object_store, store_bucket, shipped, workdir / "no-pitr-dir")
+    data = workdir / "data"
+    result = run_ops(
+        "pitr", "restore", str(data), "--from", "offsite",
+        "--target-time", shipped["target"].isoformat(), env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    started = time.monotonic()
+    with pytest.raises(ScratchError, match="recovery ended before configured recovery target"):
+        restored_ids(cluster, data)
+    assert time.monotonic() - started < 60

@@ -252,6 +252,9 @@ def test_objectstore_profile_starts_the_demo_store_and_points_offsite_at_it(
     assert env["AWS_SECRET_ACCESS_KEY"] == token
     # the key reaches compose through the environment, never its command line
     assert not any(token in part for part in the_stack.compose("up", "-d"))
+    # `down` (with the demo profile named) must not drop the objectstore from the profiles
+    down = " ".join(the_stack.compose("down", profile=True))
+    assert "--profile demo" in down and "--profile objectstore" in down
 
 
 def test_objectstore_profile_leaves_an_operators_own_store_alone(tmp_path: Path) -> None:
