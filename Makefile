@@ -140,7 +140,7 @@ demo-stop:
 	@$(STACK) demo-stop
 
 # End to end on real containers: builds the image, runs the stack under its own project name and
-# ports, and removes it afterwards. Needs a Docker engine. Bounded: after 15 minutes pytest is
+# ports, and removes it afterwards. Needs a Docker engine. Bounded: after 30 minutes pytest is
 # interrupted, which still tears the stack down.
 e2e: $(STAMP)
-	DBOPS_E2E=1 timeout --signal=INT --kill-after=120 900 $(BIN)/pytest -p no:cacheprovider tests/e2e
+	DBOPS_E2E=1 timeout --signal=INT --kill-after=120 1800 $(BIN)/pytest -p no:cacheprovider tests/e2e

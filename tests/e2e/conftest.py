@@ -80,7 +80,8 @@ class Stack:
             # (test_stack_offsite.py); OFFSITE_* point at it.
             "COMPOSE_PROFILES": "objectstore",
             # a tag of its own, never the operator's dbops:local; kept afterwards as build cache
-            "DBOPS_IMAGE": "dbops:e2e",
+            # (E2E_DBOPS_IMAGE: another tag, so two checkouts' suites never rebuild each other's)
+            "DBOPS_IMAGE": os.environ.get("E2E_DBOPS_IMAGE") or "dbops:e2e",
             "E2E_PROMETHEUS_CONFIG": str(prometheus_config),
             "GRAFANA_PORT": str(free_port()),
             **{name: str(port) for name, port in self.ports.items()},
