@@ -91,7 +91,8 @@ def store_status(cloud: BarmanCloud) -> tuple[PitrStatus, list[StoredWal]]:
     status.archived_wal_files = len(wals)
     if segments:
         status.last_wal_archived = segments[-1].name
-        status.last_wal_archived_at = max(wal.uploaded_at for wal in segments)
+        # S3 keeps LastModified in whole seconds: the upload ended before the next second.
+        status.last_wal_archived_at = max(wal.uploaded_at for wal in segments) + 1.0
     return status, wals
 
 

@@ -51,11 +51,13 @@ def shipped(
         cloud_backup(object_store, store_bucket, cluster)
         execute(url, "INSERT INTO ledger SELECT generate_series(1, 3)")
         target = server_now(cluster)
+        target_lsn = execute(url, "SELECT pg_current_wal_insert_lsn()::text")[0][0]
         execute(url, "INSERT INTO ledger SELECT generate_series(4, 6)")
         switch_and_ship(object_store, store_bucket, url)
         yield {
             "cluster": cluster,
             "target": target,
+            "target_lsn": target_lsn,
             "before_backup": before_backup,
             "barman": barman,
         }
@@ -175,6 +177,24 @@ def test_offsite_restore_latest_has_every_shipped_row(
     assert result.returncode == 0, result.stderr
     assert "from the object store" in result.stdout
     assert restored_ids(cluster, data) == [1, 2, 3, 4, 5, 6]
+
+
+def test_offsite_restore_to_an_lsn_stops_there_and_one_past_the_store_is_refused(
+    shipped: dict[str, Any],
+    object_store: ObjectStore,  # noqa: F811
+    store_bucket: str,
+    workdir: Path,
+) -> None:
+    cluster = shipped["cluster"]
+    env = fresh_env(object_store, store_bucket, shipped, workdir / "no-pitr-dir")
+    data = workdir / "data"
+    args = ("pitr", "restore", str(data), "--from", "offsite", "--target-lsn")
+    beyond = run_ops(*args, "FF/0", env=env)
+    assert beyond.returncode == 1 and "past the archive" in beyond.stderr
+    assert not data.exists()
+    result = run_ops(*args, shipped["target_lsn"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert restored_ids(cluster, data) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
