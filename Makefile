@@ -94,7 +94,8 @@ bench: $(STAMP) $(BARMAN_STAMP)
 # make psql | demo (WORKLOAD_MODE=saturate) | demo-stop | e2e
 # Each runs in the stack's containers (the sidecar for backups); `ops` on the host is for host
 # installs.
-# make recover [TIME='2026-11-28 14:05:00+00']   # point-in-time recovery of the live database
+# make recover [TIME='2026-11-28 14:05:00+00'] [FROM=offsite]   # point-in-time recovery of the
+#   live database; FROM=offsite restores from the object store alone (the host's backups gone)
 STACK := $(PYTHON) docker/stack.py
 # A make variable as one shell word, whatever quotes it holds.
 quote = '$(subst ','\'',$(1))'
@@ -130,7 +131,7 @@ psql:
 	@$(STACK) psql
 
 recover:
-	@$(STACK) recover $(if $(TIME),--time $(call quote,$(TIME)))
+	@$(STACK) recover $(if $(TIME),--time $(call quote,$(TIME))) $(if $(FROM),--from $(call quote,$(FROM)))
 
 demo:
 	@$(STACK) demo
@@ -139,7 +140,7 @@ demo-stop:
 	@$(STACK) demo-stop
 
 # End to end on real containers: builds the image, runs the stack under its own project name and
-# ports, and removes it afterwards. Needs a Docker engine. Bounded: after 15 minutes pytest is
+# ports, and removes it afterwards. Needs a Docker engine. Bounded: after 30 minutes pytest is
 # interrupted, which still tears the stack down.
 e2e: $(STAMP)
-	DBOPS_E2E=1 timeout --signal=INT --kill-after=120 900 $(BIN)/pytest -p no:cacheprovider tests/e2e
+	DBOPS_E2E=1 timeout --signal=INT --kill-after=120 1800 $(BIN)/pytest -p no:cacheprovider tests/e2e

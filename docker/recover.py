@@ -68,6 +68,10 @@ def ops(stack: Any, *args: str, run: bool = False, volumes: tuple[str, ...] = ()
 def cmd_recover(stack: Any, args: Any) -> int:
     from stack import StackError, say
 
+    if getattr(args, "source", "local") == "offsite":
+        from recover_offsite import recover_offsite
+
+        return recover_offsite(stack, args)
     target = ["--target-time", args.time] if args.time else ["--target", "latest"]
     described = f"time {args.time}" if args.time else "the latest point"
     project = stack.project
@@ -154,7 +158,7 @@ def going_back(stack: Any, volume: str, kept: str) -> str:
     )
 
 
-def report(stack: Any, described: str, volume: str, kept: str) -> None:
+def report(stack: Any, described: str, volume: str, kept: str | None) -> None:
     from stack import say
 
     point = psql(
@@ -173,5 +177,8 @@ def report(stack: Any, described: str, volume: str, kept: str) -> None:
     )
     say(f"recovered to {described}: last replayed commit {point or 'unknown'}")
     say(f"rows per table: {counts or 'none'}")
+    if kept is None:
+        say("there was no earlier data to keep (the data volume was missing or empty)")
+        return
     say(f"the data from before the recovery is kept in volume {kept}")
     say(going_back(stack, volume, kept))

@@ -43,9 +43,22 @@ SECRETS = (
     "BACKUP_DB_PASSWORD",
     "ADMIN_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
+    "OBJECTSTORE_TOKEN",
     "OPS_ALERTS_TOKEN",
 )
-SECRET_OWNER = {"GRAFANA_ADMIN_PASSWORD": "grafana"}  # needed only when that service runs
+# needed only when that service runs
+SECRET_OWNER = {"GRAFANA_ADMIN_PASSWORD": "grafana", "OBJECTSTORE_TOKEN": "objectstore"}
+# The demo S3 server of the "objectstore" profile and what OFFSITE_* say when they point at it.
+OBJECTSTORE = "objectstore"
+OBJECTSTORE_BUCKET = "dbops-offsite"
+OBJECTSTORE_SETTINGS = {
+    "OFFSITE_S3_URL": f"s3://{OBJECTSTORE_BUCKET}/dbops",
+    "OFFSITE_S3_ENDPOINT_URL": "http://objectstore:5000",
+    "OFFSITE_S3_REGION": "us-east-1",
+    # the demo target only: a real store's bucket is never created unless asked
+    "OFFSITE_CREATE_BUCKET": "true",
+    "AWS_ACCESS_KEY_ID": "dbops",
+}
 # Headline queries of the dashboards, printed as Prometheus graph links when Grafana is left out.
 HEADLINE_QUERIES = (
     ("pool utilisation", "pool:dbops_pool_utilisation:ratio"),
@@ -56,7 +69,7 @@ HEADLINE_QUERIES = (
     ("database size", "dbops_pg_database_size_bytes"),
 )
 # Secrets added after the first release: an older .env without them gets one appended.
-ADDED_SECRETS = ("OPS_ALERTS_TOKEN",)
+ADDED_SECRETS = ("OPS_ALERTS_TOKEN", "OBJECTSTORE_TOKEN")
 URL_SAFE = re.compile(r"^[A-Za-z0-9._~-]+$")
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -149,8 +162,19 @@ class Stack:
         return {s.strip() for s in self.setting("STACK_WITHOUT").split(",") if s.strip()}
 
     @property
+    def profiles(self) -> set[str]:
+        """COMPOSE_PROFILES (shell or env file), as compose reads it."""
+        return {p.strip() for p in self.setting("COMPOSE_PROFILES").split(",") if p.strip()}
+
+    @property
+    def objectstore(self) -> bool:
+        """The demo S3 server runs, and OFFSITE_* point at it unless they name a store."""
+        return OBJECTSTORE in self.profiles and OBJECTSTORE not in self.without
+
+    @property
     def services(self) -> list[str]:
-        return [s for s in CORE_SERVICES if s not in self.without]
+        extra = [OBJECTSTORE] if self.objectstore else []
+        return extra + [s for s in CORE_SERVICES if s not in self.without]
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -195,12 +219,39 @@ class Stack:
         command += ["--project-directory", str(ROOT), "--env-file", str(self.env_file)]
         for path in self.compose_files():
             command += ["-f", str(path)]
-        if profile:
-            command += ["--profile", "demo"]
+        # A --profile on the command line replaces COMPOSE_PROFILES: name those too, so that
+        # `down` also stops the objectstore.
+        for name in sorted(self.profiles | ({"demo"} if profile else set())):
+            command += ["--profile", name]
         return [*command, *args]
 
     def compose_environ(self) -> dict[str, str]:
-        return {**self.environ, "DBOPS_IMAGE": self.image}
+        env = {**self.environ, "DBOPS_IMAGE": self.image}
+        if self.objectstore and not self.setting("OFFSITE_S3_URL"):
+            # Through the environment, never argv: compose interpolates it into the sidecar's.
+            env.update(OBJECTSTORE_SETTINGS)
+            env["AWS_SECRET_ACCESS_KEY"] = self.setting("OBJECTSTORE_TOKEN")
+            env.pop("AWS_ACCESS_KEY_ID_FILE", None)
+            env.pop("AWS_SECRET_ACCESS_KEY_FILE", None)
+        return env
+
+    def start_objectstore(self, build: bool) -> None:
+        """The demo S3 server first: started, healthy, its bucket there, before the sidecar
+        that ships to it starts."""
+        if build:
+            self.run_compose("build", OBJECTSTORE)
+        self.run_compose("up", "-d", OBJECTSTORE)
+        self.wait([OBJECTSTORE], float(self.setting("STACK_WAIT_TIMEOUT", "180")))
+        if not self.setting("OFFSITE_S3_URL"):
+            self.run_compose(
+                "exec", "-T", OBJECTSTORE, "python", "/usr/local/bin/objectstore-create-bucket",
+                OBJECTSTORE_BUCKET,
+            )  # fmt: skip
+        say(
+            "objectstore (profile objectstore): an in-memory demo S3 server; off-host copies "
+            "go there and are lost when it restarts. Point OFFSITE_* at a durable store for "
+            "real use"
+        )
 
     def run_compose(self, *args: str, profile: bool = False, check: bool = True) -> int:
         code = subprocess.call(
@@ -235,7 +286,9 @@ class Stack:
 
     def ensure_env_file(self) -> None:
         if not self.env_file.exists():
-            skip = frozenset(SECRETS) - frozenset(self.secrets)
+            # The objectstore's key is generated even before its profile is on: turning the
+            # profile on later must not find it empty.
+            skip = frozenset(SECRETS) - frozenset(self.secrets) - {"OBJECTSTORE_TOKEN"}
             generated = create_env_file(self.env_file, skip)
             say(
                 f"created {self.env_file} from .env.example with generated secrets "
@@ -407,6 +460,8 @@ def cmd_up(stack: Stack, args: argparse.Namespace) -> int:
     if not args.no_build:
         # db-init, ops and the workload share one image; building it once is enough.
         stack.run_compose("build", "ops")
+    if stack.objectstore:
+        stack.start_objectstore(build=not args.no_build)
     built = time.monotonic()
     services = stack.services
     code = stack.run_compose("up", "-d", "--remove-orphans", *services, check=False)
@@ -596,6 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
         "recover", help="recover the live database to a point in time (default: the latest)"
     )
     recover.add_argument("--time", default="", help="e.g. '2026-11-28 14:05:00+00'")
+    recover.add_argument(
+        "--from",
+        dest="source",
+        choices=["local", "offsite"],
+        default="local",
+        help="offsite: from the object store alone (OFFSITE_*), e.g. with the host's backups gone",
+    )
     recover.set_defaults(handler=cmd_recover)
     psql = commands.add_parser("psql", help="psql as the database owner (extra arguments: psql's)")
     psql.set_defaults(handler=cmd_psql)

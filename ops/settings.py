@@ -283,6 +283,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
     if settings.pitr.enabled:
         _check_pitr_login(reader, settings.db)
+    if settings.pitr.drill_source == "offsite" and not settings.offsite.enabled:
+        reader.problem(
+            "PITR_DRILL_SOURCE", "offsite", "needs OFFSITE_S3_URL (the store to restore from)"
+        )
     reader.finish()
     return settings
 

@@ -55,6 +55,20 @@ def register(commands: Any) -> None:
         action="store_true",
         help="only check the target and the directory, and say which base backup would be used",
     )
+    restore.add_argument(
+        "--from",
+        dest="source",
+        choices=["local", "offsite"],
+        default="local",
+        help="local: this host's Barman archive; offsite: the object store alone (OFFSITE_*)",
+    )
+    restore.add_argument(
+        "--wal",
+        choices=["fetch", "stage"],
+        default="fetch",
+        help="with --from offsite: fetch WAL from the store during replay (restore_command), "
+        "or stage it into the directory now (for a server without Barman Cloud)",
+    )
     restore.add_argument("--json", action="store_true", help="print the result as JSON")
     restore.set_defaults(handler=run_restore)
 
@@ -275,13 +289,17 @@ def run_restore(args: argparse.Namespace) -> int:
     from ops.pitr.restore import RestoreRefused, parse_target, restore
     from ops.pitr.status import gather
 
-    settings = _settings()
-    if settings is None:
-        return EXIT_USAGE
     try:
         target = parse_target(args.target_time, args.target_lsn, args.target == "latest")
     except ValueError as error:
         print(f"ops pitr restore: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.source == "offsite":
+        from ops.commands.pitr_offsite import run_offsite_restore
+
+        return run_offsite_restore(args, target)
+    settings = _settings()
+    if settings is None:
         return EXIT_USAGE
     barman = make_barman(settings)
     try:
@@ -321,7 +339,9 @@ def run_drill(args: argparse.Namespace) -> int:
         print(json.dumps(record.__dict__, indent=2))
     elif record.ok:
         print(
-            f"pitr drill ok: restored {record.backup_id} to {record.target_time} "
+            f"pitr drill ok: restored {record.backup_id}"
+            f"{' from the object store' if record.source == 'offsite' else ''} to "
+            f"{record.target_time} "
             f"and found exactly the rows committed before it, in {record.seconds:.1f}s"
             + ("; that base backup is now kept from retention" if record.kept else "")
         )

@@ -6,6 +6,11 @@ directory with ``recovery_target_time = T``, started on a loopback port with arc
 and must show the first marker and not the second. The scratch server is then stopped and its
 directory removed, whatever happened. The markers live in a database of the drill's own
 (the backup role may create databases; it may not write the platform's tables).
+
+With ``PITR_DRILL_SOURCE=offsite`` the restore comes from the object store alone (the base
+backup with barman-cloud-restore, WAL through barman-cloud-wal-restore during replay), after
+waiting until the store holds the markers' WAL: the copy that matters when the host is gone is
+the one proven.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, exc, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
+from ops.offsite.cloudread import CloudError
 from ops.pitr.barman import Barman, BarmanError
 from ops.pitr.keep import protect_proven
 from ops.pitr.restore import RestoreRefused, Target, parse_lsn, restore, segment_end_lsn
@@ -39,6 +46,8 @@ DRILL_DATABASE = "dbops_pitr_drill"
 DRILL_APPLICATION_NAME = "dbops-pitr-drill"
 ARCHIVE_WAIT = 120.0  # seconds the drill waits for its markers' WAL to reach the archive
 RECOVERY_TIMEOUT = 1800.0  # seconds the scratch server may take to reach T and promote
+# seconds the drill waits for its markers' WAL to be shipped to the object store
+OFFSITE_SHIP_WAIT = 600.0
 
 
 class DrillFailed(Exception):
@@ -122,6 +131,39 @@ def force_wal_out(settings: Settings, barman: Barman, lsn: str) -> None:
         time.sleep(1.0)
 
 
+def wait_shipped(cloud: Any, lsn: str, timeout: float = OFFSITE_SHIP_WAIT) -> None:
+    """Until the store holds a WAL segment ending past ``lsn`` (shipping is the sidecar's own
+    job; the drill only waits for it)."""
+    from ops.offsite.cloudread import CloudError
+
+    wanted = parse_lsn(lsn)
+    deadline = time.monotonic() + timeout
+    newest: str | None = None
+    while True:
+        try:
+            segments = [w.name for w in cloud.wal_files() if w.is_segment]
+        except CloudError as error:
+            raise DrillFailed(str(error)) from None
+        newest = segments[-1] if segments else None
+        if newest is not None and segment_end_lsn(newest) > wanted:
+            return
+        if time.monotonic() > deadline:
+            raise DrillFailed(
+                f"the WAL up to {lsn} did not reach the object store within {timeout:g}s "
+                f"(newest shipped: {newest or 'none'}); is off-host shipping running?"
+            )
+        time.sleep(2.0)
+
+
+def _restore_offsite(settings: Settings, target: Target, lsn: str, data: Path) -> str:
+    from ops.offsite.cloudread import CloudReader
+    from ops.offsite.recovery import restore_from_store
+
+    cloud = CloudReader(settings.offsite, settings.pitr.barman.parent)
+    wait_shipped(cloud, lsn)
+    return restore_from_store(cloud, target, data, timeout=RECOVERY_TIMEOUT).backup_id
+
+
 def _scratch_root(settings: Settings) -> Path:
     """Inside PITR_DIR normally; as root in a private temporary directory, because the
     ``postgres`` user the server then runs as cannot enter PITR_DIR (mode 0700)."""
@@ -182,21 +224,18 @@ def drill(settings: Settings, barman: Barman) -> DrillRecord:
         target, lsn = write_markers(settings, run_id)
         target_text = target.isoformat()
         force_wal_out(settings, barman, lsn)
-        status = gather(barman, None)
+        wanted = Target("time", time=target, text=target_text)
         root = _scratch_root(settings)
-        result = restore(
-            barman,
-            status,
-            Target("time", time=target, text=target_text),
-            root / "data",
-        )
-        backup_id = result.backup_id
+        if settings.pitr.drill_source == "offsite":
+            backup_id = _restore_offsite(settings, wanted, lsn, root / "data")
+        else:
+            backup_id = restore(barman, gather(barman, None), wanted, root / "data").backup_id
         server = ScratchServer(root / "data", server_bindir(settings.backup.bindir))
         server.start(timeout=RECOVERY_TIMEOUT)
         user = settings.db.url.username or "postgres"
         server.wait_promoted(user, DRILL_DATABASE, RECOVERY_TIMEOUT)
         check_markers(server, user, run_id)
-    except (DrillFailed, RestoreRefused, BarmanError, ScratchError) as failure:
+    except (DrillFailed, RestoreRefused, BarmanError, ScratchError, CloudError) as failure:
         error = str(failure)
     except exc.SQLAlchemyError as failure:
         error = f"database: {error_line(failure)}"
@@ -207,8 +246,8 @@ def drill(settings: Settings, barman: Barman) -> DrillRecord:
             server.stop()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
-    if error is None and backup_id is not None:
-        kept = _protect(barman, backup_id)
+    if error is None and backup_id is not None and settings.pitr.drill_source == "local":
+        kept = _protect(barman, backup_id)  # a backup proven in the store is not ours to keep
     record = DrillRecord(
         at=time.time(),
         ok=error is None,
@@ -217,6 +256,7 @@ def drill(settings: Settings, barman: Barman) -> DrillRecord:
         target_time=target_text,
         error=error,
         kept=kept,
+        source=settings.pitr.drill_source,
     )
     try:
         record_drill(settings.pitr.state_file, record)

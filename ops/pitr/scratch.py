@@ -143,6 +143,10 @@ class ScratchServer:
         last = "no answer"
         try:
             while time.monotonic() < deadline:
+                if not (self.datadir / "postmaster.pid").exists():
+                    # It stopped (recovery ended short of its target, a WAL file the archive
+                    # could not give): no point waiting out the timeout.
+                    raise ScratchError(f"the restored server stopped: {self.last_log_line()}")
                 try:
                     with engine.connect() as connection:
                         if not connection.execute(text("SELECT pg_is_in_recovery()")).scalar():

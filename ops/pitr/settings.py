@@ -13,7 +13,7 @@ from pathlib import Path
 
 from db.settings import EnvReader
 
-DRILL_SOURCES = ("local",)
+DRILL_SOURCES = ("local", "offsite")  # offsite: restore from the object store alone
 DEFAULT_BARMAN = Path("/opt/barman/bin/barman")
 SERVER_NAME = "dbops"  # Barman's name for the one server it backs up
 _SIZE = re.compile(r"^\s*(\d{1,16})\s*(kB|MB|GB|TB)?\s*$")

@@ -24,6 +24,7 @@ class DrillRecord:
     target_time: str | None = None
     error: str | None = None
     kept: bool = False  # the proven base backup is protected from retention (ops.pitr.keep)
+    source: str = "local"  # PITR_DRILL_SOURCE: this host's archive, or the object store
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -58,6 +59,7 @@ def _record(value: Any) -> DrillRecord | None:
             target_time=value.get("target_time"),
             error=value.get("error"),
             kept=bool(value.get("kept", False)),
+            source=str(value.get("source") or "local"),
         )
     except (KeyError, TypeError, ValueError):
         return None

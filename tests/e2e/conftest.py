@@ -76,13 +76,24 @@ class Stack:
             "STACK_WITHOUT": "grafana",  # no image for it on machines without a registry
             "STACK_COMPOSE_FILES": "tests/e2e/compose.e2e.yml",
             "STACK_WAIT_TIMEOUT": "240",
+            # The demo S3 server, so the stack ships off host and can be recovered from there
+            # (test_stack_offsite.py); OFFSITE_* point at it.
+            "COMPOSE_PROFILES": "objectstore",
             # a tag of its own, never the operator's dbops:local; kept afterwards as build cache
-            "DBOPS_IMAGE": "dbops:e2e",
+            # (E2E_DBOPS_IMAGE: another tag, so two checkouts' suites never rebuild each other's)
+            "DBOPS_IMAGE": os.environ.get("E2E_DBOPS_IMAGE") or "dbops:e2e",
             "E2E_PROMETHEUS_CONFIG": str(prometheus_config),
             "GRAFANA_PORT": str(free_port()),
             **{name: str(port) for name, port in self.ports.items()},
         }
-        for name in ("POSTGRES_PUBLISH_PORT", "WORKLOAD_MODE", "DATABASE_URL"):
+        for name in (
+            "POSTGRES_PUBLISH_PORT",
+            "WORKLOAD_MODE",
+            "DATABASE_URL",
+            "OFFSITE_S3_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ):
             self.env.pop(name, None)
         self.started = False
         self.demo_started = 0.0  # monotonic time `make demo` was typed

@@ -65,10 +65,13 @@ def test_make_up_brings_every_service_to_healthy_or_completed(stack: Stack) -> N
     assert result.returncode == 0, output
     assert stack.env_file.exists() and stack.env_file.stat().st_mode & 0o077 == 0
     containers = stack.containers()
-    assert set(containers) == {"postgres", "db-init", "ops", "prometheus", "alertmanager"}
+    # the suite turns on the objectstore profile (conftest.py): its S3 server runs too
+    assert set(containers) == {
+        "postgres", "db-init", "ops", "prometheus", "alertmanager", "objectstore",
+    }  # fmt: skip
     assert containers["db-init"]["State"]["Status"] == "exited"
     assert containers["db-init"]["State"]["ExitCode"] == 0
-    for service in ("postgres", "ops", "prometheus", "alertmanager"):
+    for service in ("postgres", "ops", "prometheus", "alertmanager", "objectstore"):
         assert containers[service]["State"]["Health"]["Status"] == "healthy", service
     for port_name, path in (
         ("PROMETHEUS_PORT", ""),

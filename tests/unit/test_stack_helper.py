@@ -245,3 +245,52 @@ def test_an_unknown_from_is_a_usage_error_naming_the_make_variable() -> None:
     with pytest.raises(stack.StackError) as caught:
         restore_args(["ID", "--from=tape"])
     assert caught.value.code == stack.EXIT_USAGE and str(caught.value).startswith("FROM=tape:")
+
+
+def test_objectstore_profile_starts_the_demo_store_and_points_offsite_at_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stack.env"
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path), "COMPOSE_PROFILES": "demo,objectstore"})
+    the_stack.ensure_env_file()
+    token = stack.read_env_file(path)["OBJECTSTORE_TOKEN"]
+    assert len(token) >= 24
+
+    assert the_stack.services[0] == "objectstore"
+    env = the_stack.compose_environ()
+    assert env["OFFSITE_S3_URL"] == "s3://dbops-offsite/dbops"
+    assert env["OFFSITE_S3_ENDPOINT_URL"] == "http://objectstore:5000"
+    assert env["OFFSITE_CREATE_BUCKET"] == "true"
+    assert env["AWS_SECRET_ACCESS_KEY"] == token
+    # the key reaches compose through the environment, never its command line
+    assert not any(token in part for part in the_stack.compose("up", "-d"))
+    # `down` (with the demo profile named) must not drop the objectstore from the profiles
+    down = " ".join(the_stack.compose("down", profile=True))
+    assert "--profile demo" in down and "--profile objectstore" in down
+
+
+def test_objectstore_profile_leaves_an_operators_own_store_alone(tmp_path: Path) -> None:
+    path = tmp_path / "stack.env"
+    own = {"OFFSITE_S3_URL": "s3://company-backups/db", "AWS_SECRET_ACCESS_KEY": "theirs"}
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(path), "COMPOSE_PROFILES": "objectstore", **own})
+    the_stack.ensure_env_file()
+    env = the_stack.compose_environ()
+    assert env["OFFSITE_S3_URL"] == "s3://company-backups/db"
+    assert env["AWS_SECRET_ACCESS_KEY"] == "theirs"
+    assert "OFFSITE_CREATE_BUCKET" not in env  # a real store's bucket is never created unasked
+
+
+def test_without_the_objectstore_profile_nothing_points_off_host(tmp_path: Path) -> None:
+    the_stack = stack.Stack({"STACK_ENV_FILE": str(tmp_path / "stack.env")})
+    assert "objectstore" not in the_stack.services
+    assert "OFFSITE_S3_URL" not in the_stack.compose_environ()
+
+
+def test_recover_takes_from_offsite_and_refuses_other_sources() -> None:
+    parser = stack.build_parser()
+    args = parser.parse_args(["recover", "--from", "offsite", "--time", "2026-11-28 14:05:00+00"])
+    assert args.source == "offsite" and args.time == "2026-11-28 14:05:00+00"
+    assert parser.parse_args(["recover"]).source == "local"
+    with pytest.raises(SystemExit) as caught:
+        parser.parse_args(["recover", "--from", "tape"])
+    assert caught.value.code == 2
