@@ -55,7 +55,12 @@ test-newest: $(BARMAN_STAMP)
 	$(NEWEST)/bin/python -c "import sqlalchemy, alembic, prometheus_client, apscheduler, psycopg2; \
 		print('newest:', 'SQLAlchemy', sqlalchemy.__version__, '| alembic', alembic.__version__, \
 		'| psycopg2', psycopg2.__version__.split()[0])"
-	$(NEWEST)/bin/pytest tests/unit tests/integration tests/monitoring
+	$(NEWEST)/bin/pytest tests/unit tests/integration tests/monitoring $(NEWEST_SKIP:%=--ignore=%)
+
+# Left out of the newest run: long fault and shipping scenarios whose engine is Barman, pinned in
+# its own virtualenv for both runs. The rest of the PITR and off-host tests run on both ends.
+NEWEST_SKIP := $(addprefix tests/integration/,test_pitr_faults.py test_pitr_going_back.py \
+	test_pitr_keep.py test_pitr_dashboard.py test_offsite_ship.py test_offsite_serve.py)
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
