@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,8 +89,8 @@ def test_password_reaches_barman_only_through_a_private_passfile(
         assert password not in cmdline, cmdline
 
 
-def receiver_arguments(pitr_dir: str) -> list[str]:
-    """The argv of the pg_receivewal Barman runs into ``pitr_dir`` (empty: none runs)."""
+def receiver(pitr_dir: str) -> tuple[int, list[str]]:
+    """The pid and argv of the pg_receivewal Barman runs into ``pitr_dir`` (0, []: none)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
@@ -99,8 +101,14 @@ def receiver_arguments(pitr_dir: str) -> list[str]:
             and Path(argv[0]).name == "pg_receivewal"
             and any(a.startswith(f"--directory={pitr_dir}/") for a in argv)
         ):
-            return argv
-    return []
+            return int(pid), argv
+    return 0, []
+
+
+def streaming_lag(service: PitrService) -> PitrStatus:
+    status = PitrStatus(gathered_at=0.0)
+    server_state(service.engine, service.settings.pitr, status)
+    return status
 
 
 def test_streaming_flushes_and_confirms_each_write_without_making_commits_wait(
@@ -111,8 +119,8 @@ def test_streaming_flushes_and_confirms_each_write_without_making_commits_wait(
     try:
         service.barman.cron()
         assert wait_for(lambda: service.refresh().streaming, 30, 0.5)
-        assert wait_for(lambda: receiver_arguments(env["PITR_DIR"]) != [], 10, 0.2)
-        argv = receiver_arguments(env["PITR_DIR"])
+        assert wait_for(lambda: receiver(env["PITR_DIR"])[0] != 0, 10, 0.2)
+        _, argv = receiver(env["PITR_DIR"])
         # The real program (PITR_DIR/bin/pg_receivewal exec'd it), our two options, then
         # Barman's arguments unchanged.
         assert argv[0] == str(cluster.bindir / "pg_receivewal")
@@ -138,8 +146,38 @@ def test_streaming_flushes_and_confirms_each_write_without_making_commits_wait(
 
         # Caught up: the exported lag is 0 (the server's flush_lag would keep its last value).
         def caught_up() -> bool:
-            status = PitrStatus(gathered_at=0.0)
-            server_state(service.engine, settings.pitr, status)
+            status = streaming_lag(service)
+            return status.lag_bytes == 0 and status.lag_seconds == 0.0
+
+        assert wait_for(caught_up, 10, 0.2)
+    finally:
+        service.engine.dispose()
+
+
+def test_wal_lag_seconds_grows_while_the_receiver_confirms_nothing(
+    cluster: Cluster, env: dict[str, str]
+) -> None:
+    """A receiver that is connected but stuck: the lag counts from its last confirmation,
+    where the server's flush_lag would keep showing the last (small) lag it measured."""
+    service = PitrService(pitr_settings(env), CollectorRegistry())
+    try:
+        service.barman.cron()
+        assert wait_for(lambda: receiver(env["PITR_DIR"])[0] != 0, 30, 0.2)
+        pid, _ = receiver(env["PITR_DIR"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            execute(cluster.url(), "INSERT INTO t VALUES (4)")
+            time.sleep(2.5)
+            status = streaming_lag(service)
+            waited = time.monotonic() - stopped
+            assert status.lag_bytes is not None and status.lag_bytes > 0
+            assert status.lag_seconds is not None and status.lag_seconds >= waited - 0.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        def caught_up() -> bool:
+            status = streaming_lag(service)
             return status.lag_bytes == 0 and status.lag_seconds == 0.0
 
         assert wait_for(caught_up, 10, 0.2)
