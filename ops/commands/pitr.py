@@ -286,7 +286,7 @@ def run_restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ops.pitr.barman import BarmanError, make_barman
-    from ops.pitr.restore import RestoreRefused, parse_target, restore
+    from ops.pitr.restore import RestoreRefused, parse_target, restore, with_end_lsns
     from ops.pitr.status import gather
 
     try:
@@ -306,6 +306,7 @@ def run_restore(args: argparse.Namespace) -> int:
         barman.prepare()
         status = gather(barman, None)
         if args.dry_run:
+            status = with_end_lsns(barman, status, target)
             return _dry_run(status, target, Path(args.directory), args.replace, args.json)
         result = restore(barman, status, target, Path(args.directory), replace=args.replace)
     except RestoreRefused as refused:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import URL
 
 from ops.pitr.config import barman_config, barman_environment, passfile_text, write_private
+from ops.pitr.programs import ProgramsError, write_programs
 from ops.pitr.settings import SERVER_NAME, PitrSettings
 
 if TYPE_CHECKING:
@@ -100,16 +101,21 @@ class Barman:
         self.connect_timeout = connect_timeout
 
     def prepare(self) -> None:
-        """Create Barman's directories and (re)write its configuration and passfile."""
+        """Create Barman's directories and (re)write its configuration, its passfile and the
+        ``pg_receivewal`` it runs (PITR_DIR/bin)."""
         settings = self.settings
         for directory in (settings.directory, settings.barman_home, settings.directory / "log"):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os_user = pwd.getpwuid(os.geteuid()).pw_name
+        try:
+            path_prefix = write_programs(settings.programs_dir, self.bindir)
+        except ProgramsError as error:
+            raise BarmanError(str(error)) from None
         text = barman_config(
             settings,
             self.url,
             os_user=os_user,
-            bindir=self.bindir,
+            path_prefix=path_prefix,
             connect_timeout=self.connect_timeout,
         )
         write_private(settings.passfile, passfile_text(self.url))

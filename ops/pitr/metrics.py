@@ -129,7 +129,10 @@ class PitrCollector(Collector):
         if status.lag_seconds is not None:
             yield gauge(
                 "dbops_pitr_wal_lag_seconds",
-                "Streaming flush lag as the server measures it.",
+                "Age in seconds of the oldest WAL the server wrote that streaming has not "
+                "confirmed flushed: 0 when the archive's receiver has flushed all of it, else "
+                "the time since its last reply plus the flush lag it reported then (an upper "
+                "bound of what a loss of the server would lose).",
                 status.lag_seconds,
             )
         state = slot_state(status)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -105,6 +105,24 @@ def choose_backup(status: PitrStatus, target: Target) -> BackupInfo:
     return usable[-1]
 
 
+def with_end_lsns(barman: Barman, status: PitrStatus, target: Target) -> PitrStatus:
+    """``status`` whose good backups carry their end LSN, as far as an LSN target needs.
+
+    ``list-backups`` gives no LSNs; ``show-backup`` does, one Barman start-up per backup. So
+    the newest are shown first and the search stops at the first that ends at or before the
+    target: the older ones cannot be chosen. Other targets need no LSN: ``status`` as it is.
+    """
+    if target.kind != "lsn" or target.lsn is None:
+        return status
+    shown: dict[str, BackupInfo] = {}
+    for backup in reversed(status.good_backups):
+        full = barman.show(backup.id)
+        shown[backup.id] = full
+        if full.end_lsn is not None and parse_lsn(full.end_lsn) <= target.lsn:
+            break
+    return replace(status, backups=[shown.get(b.id, b) for b in status.backups])
+
+
 def _window_text(status: PitrStatus) -> str:
     def when(value: float | None) -> str:
         if value is None:
@@ -182,10 +200,7 @@ def restore(
 ) -> RestoreResult:
     """Restore into ``destination`` with recovery settings for ``target`` (the server promotes
     when it gets there). Raises :class:`RestoreRefused` before changing anything."""
-    chosen = choose_backup(status, target)
-    # show-backup is one more Barman start-up (a few tenths of a second before the copy even
-    # starts): only an LSN target needs what it adds to the listing.
-    backup = barman.show(chosen.id) if target.kind == "lsn" else chosen
+    backup = choose_backup(with_end_lsns(barman, status, target), target)
     destination = destination.absolute()
     kept = prepare_destination(destination, replace=replace)
     destination.mkdir(parents=True, exist_ok=True, mode=0o700)

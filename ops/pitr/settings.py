@@ -66,6 +66,11 @@ class PitrSettings:
         return self.directory / "pgpass"
 
     @property
+    def programs_dir(self) -> Path:
+        """Where the client programs Barman runs are found first (see ops.pitr.programs)."""
+        return self.directory / "bin"
+
+    @property
     def barman_home(self) -> Path:
         return self.directory / "barman"
 
@@ -123,6 +128,9 @@ def _read_directory(reader: EnvReader) -> Path:
     text = reader.string("PITR_DIR", str(PitrSettings.directory))
     if not text.startswith("/") or not text.isprintable():
         reader.problem("PITR_DIR", text, "must be an absolute path of printable characters")
+        return PitrSettings.directory
+    if ":" in text:  # PITR_DIR/bin leads the PATH Barman searches for pg_receivewal
+        reader.problem("PITR_DIR", text, "must not contain ':' (it goes into a PATH)")
         return PitrSettings.directory
     return Path(text)
 

@@ -30,8 +30,23 @@ _SLOT_SQL = text(
      WHERE s.slot_name = :slot
     """
 )
+# For a row of pg_stat_replication: how old the oldest WAL the receiver has not confirmed
+# flushed can be, in seconds (what a loss of the server would lose). 0 when it has flushed all
+# the server wrote; else the time since its last reply, plus the flush lag it reported then if
+# WAL it had been sent was still unflushed (an upper bound; WAL not yet sent is younger than
+# that reply, give or take the server's own WAL flush delay). The server's flush_lag alone is
+# no answer: it changes only when a reply arrives, and as pg_receivewal reports no replay
+# position the server never clears it once the receiver has caught up (it keeps showing the
+# last lag measured, however old).
+LAG_SECONDS_SQL = """
+    CASE WHEN flush_lsn >= pg_current_wal_lsn() THEN 0
+         WHEN reply_time IS NULL THEN NULL
+         ELSE GREATEST(0, EXTRACT(epoch FROM clock_timestamp() - reply_time))
+              + CASE WHEN flush_lsn >= sent_lsn THEN 0
+                     ELSE COALESCE(EXTRACT(epoch FROM flush_lag), 0) END
+    END::float8"""
 _SERVER_SQL = text(
-    """
+    f"""
     SELECT pg_current_wal_lsn()::text AS current_lsn,
            pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
            (SELECT setting::bigint FROM pg_settings
@@ -39,7 +54,7 @@ _SERVER_SQL = text(
            (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint
               FROM pg_stat_replication WHERE application_name = :app
              ORDER BY backend_start DESC LIMIT 1) AS lag_bytes,
-           (SELECT COALESCE(EXTRACT(epoch FROM flush_lag), 0)::float8
+           (SELECT {LAG_SECONDS_SQL}
               FROM pg_stat_replication WHERE application_name = :app
              ORDER BY backend_start DESC LIMIT 1) AS lag_seconds,
            (SELECT count(*) FROM pg_stat_replication WHERE application_name = :app) AS streamers
@@ -217,7 +232,8 @@ def server_state(engine: Engine, settings: PitrSettings, status: PitrStatus) -> 
     status.streaming = bool(server["streamers"]) and bool(status.slot.active)
     if server["lag_bytes"] is not None:
         status.lag_bytes = max(0, int(server["lag_bytes"]))
-        status.lag_seconds = float(server["lag_seconds"] or 0.0)
+        if server["lag_seconds"] is not None:
+            status.lag_seconds = float(server["lag_seconds"])
     elif status.slot.retained_bytes is not None:
         status.lag_bytes = max(0, int(status.slot.retained_bytes))
 

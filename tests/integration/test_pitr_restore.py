@@ -104,6 +104,24 @@ def test_restore_to_a_time_has_the_rows_before_it_and_none_after(
     assert restored_ids(cluster, root / "data") == [1, 2]
 
 
+def test_restore_to_an_lsn_has_the_rows_committed_before_it_and_none_after(
+    cluster: Cluster, env: dict[str, str], scratch: Path
+) -> None:
+    execute(cluster.url(), "INSERT INTO ledger VALUES (1001, 'before lsn'), (1002, 'before lsn')")
+    target = execute(cluster.url(), "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    execute(cluster.url(), "INSERT INTO ledger VALUES (1003, 'after lsn')")
+    flush_archive(cluster, env)
+    root = scratch
+    planned = ops_json(
+        "pitr", "restore", str(root / "data"), "--target-lsn", target, "--dry-run", env=env
+    )
+    result = ops_json("pitr", "restore", str(root / "data"), "--target-lsn", target, env=env)
+    assert result["target"] == f"lsn {target.upper()}"
+    assert result["backup_id"] == planned["backup_id"]
+    restored = restored_ids(cluster, root / "data")
+    assert [i for i in restored if i > 1000] == [1001, 1002]
+
+
 def test_restore_latest_recovers_every_committed_row(
     cluster: Cluster, env: dict[str, str], scratch: Path
 ) -> None:

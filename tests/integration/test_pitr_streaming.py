@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import make_url
 
 from ops.pitr.service import PitrService, make_barman, pitr_engine
-from ops.pitr.status import archived_wal
+from ops.pitr.status import PitrStatus, archived_wal, server_state
 from ops.pitr.walswitch import WalSwitcher
 from tests.conftest import run_ops
 from tests.integration.pitr_helpers import (
@@ -85,6 +87,102 @@ def test_password_reaches_barman_only_through_a_private_passfile(
         except OSError:
             continue
         assert password not in cmdline, cmdline
+
+
+def receiver(pitr_dir: str) -> tuple[int, list[str]]:
+    """The pid and argv of the pg_receivewal Barman runs into ``pitr_dir`` (0, []: none)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        except OSError:
+            continue
+        if (
+            argv
+            and Path(argv[0]).name == "pg_receivewal"
+            and any(a.startswith(f"--directory={pitr_dir}/") for a in argv)
+        ):
+            return int(pid), argv
+    return 0, []
+
+
+def streaming_lag(service: PitrService) -> PitrStatus:
+    status = PitrStatus(gathered_at=0.0)
+    server_state(service.engine, service.settings.pitr, status)
+    return status
+
+
+def test_streaming_flushes_and_confirms_each_write_without_making_commits_wait(
+    cluster: Cluster, env: dict[str, str]
+) -> None:
+    settings = pitr_settings(env)
+    service = PitrService(settings, CollectorRegistry())
+    try:
+        service.barman.cron()
+        assert wait_for(lambda: service.refresh().streaming, 30, 0.5)
+        assert wait_for(lambda: receiver(env["PITR_DIR"])[0] != 0, 10, 0.2)
+        _, argv = receiver(env["PITR_DIR"])
+        # The real program (PITR_DIR/bin/pg_receivewal exec'd it), our two options, then
+        # Barman's arguments unchanged.
+        assert argv[0] == str(cluster.bindir / "pg_receivewal")
+        assert argv[1:3] == ["--synchronous", "--status-interval=1"]
+        assert "--no-loop" in argv and f"--slot={settings.pitr.slot_name}" in argv
+        # Only a synchronous standby makes commits wait; the receiver is not one.
+        state = execute(
+            cluster.url(),
+            "SELECT sync_state, current_setting('synchronous_standby_names') "
+            "FROM pg_stat_replication WHERE application_name = 'dbops-barman-streaming'",
+        )
+        assert [tuple(row) for row in state] == [("async", "")]
+
+        # One small commit, far from a segment's end, is flushed and confirmed within a
+        # second or two (without --synchronous: only once its segment is complete).
+        execute(cluster.url(), "INSERT INTO t VALUES (3)")
+        written = execute(cluster.url(), "SELECT pg_current_wal_lsn()")[0][0]
+        confirmed = (
+            "SELECT flush_lsn >= CAST(:lsn AS pg_lsn) FROM pg_stat_replication "
+            "WHERE application_name = 'dbops-barman-streaming'"
+        )
+        assert wait_for(lambda: execute(cluster.url(), confirmed, lsn=written)[0][0], 3, 0.05)
+
+        # Caught up: the exported lag is 0 (the server's flush_lag would keep its last value).
+        def caught_up() -> bool:
+            status = streaming_lag(service)
+            return status.lag_bytes == 0 and status.lag_seconds == 0.0
+
+        assert wait_for(caught_up, 10, 0.2)
+    finally:
+        service.engine.dispose()
+
+
+def test_wal_lag_seconds_grows_while_the_receiver_confirms_nothing(
+    cluster: Cluster, env: dict[str, str]
+) -> None:
+    """A receiver that is connected but stuck: the lag counts from its last confirmation,
+    where the server's flush_lag would keep showing the last (small) lag it measured."""
+    service = PitrService(pitr_settings(env), CollectorRegistry())
+    try:
+        service.barman.cron()
+        assert wait_for(lambda: receiver(env["PITR_DIR"])[0] != 0, 30, 0.2)
+        pid, _ = receiver(env["PITR_DIR"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            execute(cluster.url(), "INSERT INTO t VALUES (4)")
+            time.sleep(2.5)
+            status = streaming_lag(service)
+            waited = time.monotonic() - stopped
+            assert status.lag_bytes is not None and status.lag_bytes > 0
+            assert status.lag_seconds is not None and status.lag_seconds >= waited - 0.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        def caught_up() -> bool:
+            status = streaming_lag(service)
+            return status.lag_bytes == 0 and status.lag_seconds == 0.0
+
+        assert wait_for(caught_up, 10, 0.2)
+    finally:
+        service.engine.dispose()
 
 
 def test_wal_switch_happens_only_after_something_was_written(

@@ -45,6 +45,12 @@ def problems_for(environ: dict[str, str]) -> list[str]:
     return caught.value.problems
 
 
+def test_pitr_dir_with_a_colon_is_refused_as_it_leads_barmans_path() -> None:
+    assert problems_for({"PITR_DIR": "/var/lib/dbops:/tmp/evil"}) == [
+        "PITR_DIR /var/lib/dbops:/tmp/evil: must not contain ':' (it goes into a PATH)"
+    ]
+
+
 def url(password: str = SECRET, **parts: object) -> URL:
     values: dict[str, object] = {
         "username": "dbops_backup",
@@ -110,7 +116,7 @@ def test_retention_in_weeks_becomes_days() -> None:
 def generated(password: str = SECRET, **parts: object) -> str:
     settings = PitrSettings(enabled=True, directory=Path("/var/lib/dbops/pitr%x"))
     return barman_config(
-        settings, url(password, **parts), os_user="dbops", bindir=Path("/usr/lib/postgresql/17/bin")
+        settings, url(password, **parts), os_user="dbops", path_prefix="/usr/lib/postgresql/17/bin"
     )
 
 
