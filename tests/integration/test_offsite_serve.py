@@ -10,26 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import run_ops
-from tests.integration.pitr_helpers import REPO, execute, pitr_env, start_pitr_cluster
+from tests.integration.pitr_helpers import REPO, execute, pitr_env
 from tests.integration.test_backup_serve import get, metric
 from tests.monitoring.tools import rule_metrics
 from tests.objectstore import ObjectStore
 from tests.pgcluster import Cluster, free_port, wait_for
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    cluster = start_pitr_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_serve_ships_to_the_store_and_exports_every_offsite_metric_the_rules_read(

@@ -19,20 +19,11 @@ from ops.offsite.report import offsite_checks
 from ops.offsite.shipper import Shipper
 from ops.pitr.service import PitrService
 from ops.settings import Settings, load_settings
-from tests.integration.pitr_helpers import execute, pitr_env, start_pitr_cluster
+from tests.integration.pitr_helpers import execute, pitr_env
 from tests.objectstore import ObjectStore
 from tests.pgcluster import Cluster
 
 PREFIX = "site-a"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    cluster = start_pitr_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def settings_for(env: dict[str, str]) -> Settings:

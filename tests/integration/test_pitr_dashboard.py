@@ -18,14 +18,13 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.integration.pitr_helpers import REPO, execute, ops_json, pitr_env, start_pitr_cluster
+from tests.integration.pitr_helpers import REPO, execute, ops_json, pitr_env
 from tests.integration.test_backup_serve import get, metric
 from tests.monitoring.live import Process, Prometheus, http_get
 from tests.monitoring.tools import PROMETHEUS, dashboards, panels, tool
@@ -37,15 +36,6 @@ pytestmark = pytest.mark.timeout(420)
 BOARD = "recovery.json"
 OFFSITE_TITLE = "Off-host"
 LABEL_VALUES = re.compile(r"label_values\((.*),\s*(\w+)\)")
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    cluster = start_pitr_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def prometheus_config(sidecar_port: int) -> dict[str, Any]:

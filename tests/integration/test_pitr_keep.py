@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from ops.pitr.config import barman_environment
@@ -25,18 +23,8 @@ from tests.integration.pitr_helpers import (
     ops_json,
     pitr_env,
     pitr_settings,
-    start_pitr_cluster,
 )
 from tests.pgcluster import Cluster
-
-
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    cluster = start_pitr_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def retention_days_later(service: PitrService, days: int) -> None:

@@ -25,18 +25,8 @@ from tests.integration.pitr_helpers import (
     ops_json,
     pitr_env,
     pitr_settings,
-    start_pitr_cluster,
 )
 from tests.pgcluster import Cluster, wait_for
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    cluster = start_pitr_cluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module")
