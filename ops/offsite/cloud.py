@@ -12,7 +12,6 @@ the store check's (unreachable, credentials, bucket, server, other).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -20,13 +19,13 @@ from typing import Any
 
 from ops.offsite.settings import OffsiteSettings
 from ops.offsite.store import CREDENTIALS, NO_BUCKET, OTHER, SERVER, UNREACHABLE, StoreError
+from ops.pitr.config import kept_environment
 from ops.pitr.settings import SERVER_NAME
 
 WAL_TIMEOUT = 300.0
 BACKUP_TIMEOUT = 6 * 3600.0
 LIST_TIMEOUT = 120.0
 COMPRESSION = "--gzip"
-_KEPT_ENVIRONMENT = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "LOGNAME")
 # Words in Barman Cloud's error lines (boto3's messages) and the kind of failure they mean.
 _KINDS = (
     (NO_BUCKET, ("NoSuchBucket", "bucket does not exist", "Bucket not found", "does not exist")),
@@ -95,7 +94,7 @@ class BarmanCloud:
         return options
 
     def environment(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in _KEPT_ENVIRONMENT or k.startswith("LC_")}
+        env = kept_environment()
         env.update(self.settings.environment())
         # Bounded retries inside one call: our queue retries across calls, with backoff.
         env.update({"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"})

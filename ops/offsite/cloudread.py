@@ -10,7 +10,6 @@ environment (:meth:`OffsiteSettings.environment`), never their arguments.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ from typing import Any
 
 from ops.offsite.settings import OffsiteSettings
 from ops.pitr.barman import BackupInfo
+from ops.pitr.config import kept_environment
 from ops.pitr.settings import SERVER_NAME
 
 # A WAL segment or a timeline history file as Barman Cloud stores it (compressed or not).
 _WAL_OBJECT = re.compile(
     r"^(?P<name>[0-9A-F]{24}(?:\.partial)?|[0-9A-F]{8}\.history)(?:\.(?:gz|bz2|xz|snappy|lz4|zst))?$"
 )
-_KEPT_ENVIRONMENT = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "USER", "LOGNAME")
 LIST_TIMEOUT = 300.0
 
 
@@ -80,7 +79,7 @@ class CloudReader:
         return [str(self.program(name)), *self.common_args(), *args]
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in _KEPT_ENVIRONMENT or k.startswith("LC_")}
+        env = kept_environment()
         env.update(self.offsite.environment())
         return env
 

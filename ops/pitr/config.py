@@ -148,10 +148,15 @@ def write_private(path: Path, text: str, mode: int = 0o600) -> None:
         raise
 
 
+def kept_environment() -> dict[str, str]:
+    """What Barman's and Barman Cloud's processes get of this process's environment: no ``PG*``
+    (libpq would prefer it to our conninfo), and none of our secrets (``POSTGRES_PASSWORD``,
+    ``DATABASE_URL``, the store's keys) unless the caller adds the one it needs."""
+    return {k: v for k, v in os.environ.items() if k in _KEPT_ENVIRONMENT or k.startswith("LC_")}
+
+
 def barman_environment(settings: PitrSettings) -> dict[str, str]:
-    """Only what Barman and its children need from this process's environment, plus the
-    passfile: no ``PG*`` (libpq would prefer it to our conninfo), and none of our secrets
-    (``POSTGRES_PASSWORD``, ``DATABASE_URL``) in processes that do not need them."""
-    env = {k: v for k, v in os.environ.items() if k in _KEPT_ENVIRONMENT or k.startswith("LC_")}
+    """The kept environment plus the passfile."""
+    env = kept_environment()
     env["PGPASSFILE"] = str(settings.passfile)
     return env
