@@ -112,7 +112,7 @@ def run_backup(args: argparse.Namespace) -> int:
     pruned: list[str] = []
     # the result is printed below; the sidecar's summary log line would say it a second time
     logging.getLogger("ops.backup.summary").setLevel(logging.WARNING)
-    _interrupt_on_sigterm()
+    stopping = _interrupt_on_sigterm()
 
     def progress(size: int) -> None:
         print(f"\rdumping {settings.db.database}: {human_size(size)}", end="", file=sys.stderr)
@@ -127,7 +127,7 @@ def run_backup(args: argparse.Namespace) -> int:
         manifest = run(
             settings,
             progress=progress if tty else None,
-            cancel=_stopping,
+            cancel=stopping,
             after_success=retention,
         )
     except LockHeld as held:
@@ -150,27 +150,18 @@ def run_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_stopping = threading.Event()
+def _interrupt_on_sigterm() -> threading.Event:
+    """``docker stop`` sends SIGTERM: unwind like Ctrl-C so the run removes its temporaries
+    (:mod:`ops.interrupts` keeps the request, so a lost KeyboardInterrupt still stops it)."""
+    from ops.interrupts import interrupt_on
 
-
-def _interrupt_on_sigterm() -> None:
-    """``docker stop`` sends SIGTERM: unwind like Ctrl-C so the run removes its temporaries.
-
-    The raised KeyboardInterrupt is lost when the signal lands in code whose exceptions
-    Python ignores (an at-fork callback while a child starts, a finalizer), so the request
-    is also kept in ``_stopping``, which the run checks as it goes (:func:`_unless_stopping`).
-    """
-
-    def interrupt(signum: int, frame: object) -> None:
-        _stopping.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
+    return interrupt_on(signal.SIGTERM)
 
 
 def _unless_stopping() -> None:
-    if _stopping.is_set():
-        raise KeyboardInterrupt
+    from ops.interrupts import stop_if_requested
+
+    stop_if_requested()
 
 
 def _verified(manifest: Any) -> str:

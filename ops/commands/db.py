@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,11 +81,21 @@ def _engine(settings: Settings) -> Iterator[Engine]:
 
 
 def _guarded(run: Callable[[Settings, Engine], int], args: argparse.Namespace) -> int:
-    """Load the settings (ConfigError -> exit 2 in ops.cli), run, map failures to exit codes."""
+    """Load the settings (ConfigError -> exit 2 in ops.cli), run, map failures to exit codes.
+
+    Ctrl-C or SIGTERM anywhere is "interrupted" (exit 130, in ops.cli), also when it landed in
+    a driver call that turned it into a cancelled statement; the transaction is rolled back."""
+    from ops.interrupts import interrupt_on, stop_if_requested
+
     settings = load_settings()
+    interrupt_on(signal.SIGINT, signal.SIGTERM)
     try:
-        with _engine(settings) as engine:
-            return run(settings, engine)
+        try:
+            with _engine(settings) as engine:
+                return run(settings, engine)
+        except Exception:
+            stop_if_requested()
+            raise
     except KnowledgeImportError as error:
         for line in error.errors:
             print(line, file=sys.stderr)

@@ -32,6 +32,7 @@ from db.seed.knowledge import (
 from db.seed.upsert import UpsertCounts, upsert
 from tests.conftest import REPO, Server, env_for, run_ops
 from tests.knowledge_lines import numbered_entry
+from tests.pgcluster import wait_for
 
 MakeEngine = Callable[..., Engine]
 SNAPSHOT = "SELECT external_id, agent_id, tags, metadata, updated_at FROM knowledge_base ORDER BY 1"
@@ -301,6 +302,17 @@ def test_a_statement_timeout_does_not_cut_a_large_import_short(
         assert connection.execute(text("SELECT count(*) FROM knowledge_base")).scalar() == total
 
 
+def copying(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        found = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%' "
+                "AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    return bool(found)
+
+
 def test_ctrl_c_while_reading_a_pipe_exits_130_and_writes_nothing(
     seeded: Engine, tmp_path: Path
 ) -> None:
@@ -319,7 +331,8 @@ def test_ctrl_c_while_reading_a_pipe_exits_130_and_writes_nothing(
         with fifo.open("w") as sink:  # returns once the import has opened the pipe
             sink.write("".join(good_line(n) + "\n" for n in range(1, 101)))
             sink.flush()
-            time.sleep(1.0)  # the import is now in its COPY, waiting for more lines
+            # the import is in its COPY, waiting for more lines, before it is interrupted
+            assert wait_for(lambda: copying(seeded), 30), "the import never reached its COPY"
             child.send_signal(signal.SIGINT)
             out, err = child.communicate(timeout=60)
     finally:
