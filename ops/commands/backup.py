@@ -151,11 +151,11 @@ def run_backup(args: argparse.Namespace) -> int:
 
 
 def _interrupt_on_sigterm() -> threading.Event:
-    """``docker stop`` sends SIGTERM: unwind like Ctrl-C so the run removes its temporaries
-    (:mod:`ops.interrupts` keeps the request, so a lost KeyboardInterrupt still stops it)."""
+    """Ctrl-C and ``docker stop`` (SIGTERM) unwind the run so it removes its temporaries;
+    :mod:`ops.interrupts` keeps the request, so a lost KeyboardInterrupt still stops it."""
     from ops.interrupts import interrupt_on
 
-    return interrupt_on(signal.SIGTERM)
+    return interrupt_on(signal.SIGINT, signal.SIGTERM)
 
 
 def _unless_stopping() -> None:

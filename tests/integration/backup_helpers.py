@@ -135,15 +135,20 @@ def run_held_by_lock(url: URL, directory: Path, settings: Settings) -> Iterator[
         engine.dispose()
 
 
-# ``python -c LOST_SIGTERM <ops arguments>`` runs the CLI and sends it SIGTERM each time it
-# starts a child process. Python runs the handler inside logging's at-fork callback and
-# ignores the KeyboardInterrupt it raises: only a stop request the run keeps can stop it.
-LOST_SIGTERM = """
+# ``python -c lost_signal("SIGTERM") <ops arguments>`` runs the CLI and sends it that signal
+# each time it starts a child process. Python runs the handler inside logging's at-fork
+# callback and ignores the KeyboardInterrupt it raises: only a stop request the run keeps can
+# stop it.
+def lost_signal(name: str) -> str:
+    return f"""
 import os, signal, sys
 from ops.cli import main
-os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.SIGTERM), len("x")))
+os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.{name}), len("x")))
 sys.exit(main())
 """
+
+
+LOST_SIGTERM = lost_signal("SIGTERM")
 
 
 @contextmanager

@@ -20,8 +20,8 @@ from ops.backup.runner import BackupError, run_backup
 from ops.backup.verify import check
 from tests.conftest import Server
 from tests.integration.backup_helpers import (
-    LOST_SIGTERM,
     cli_run_held_by_lock,
+    lost_signal,
     ops,
     pg_dump_processes,
     populate,
@@ -174,10 +174,11 @@ def test_interrupted_cli_run_leaves_nothing_that_looks_like_a_backup(
     assert "interrupted" in stderr
 
 
-def test_a_sigterm_lost_while_pg_dump_starts_still_stops_the_cli_run(
-    source: URL, tmp_path: Path
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_lost_while_pg_dump_starts_still_stops_the_cli_run(
+    source: URL, tmp_path: Path, name: str
 ) -> None:
-    with cli_run_held_by_lock(source, tmp_path, launcher=("-c", LOST_SIGTERM)) as process:
+    with cli_run_held_by_lock(source, tmp_path, launcher=("-c", lost_signal(name))) as process:
         try:  # it must stop by itself: nobody else signals it
             _, stderr = process.communicate(timeout=30)
         finally:
