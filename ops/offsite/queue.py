@@ -107,19 +107,28 @@ class UploadQueue:
     # -- adding --------------------------------------------------------------------------------
 
     def enqueue_wals(self, archived: Iterable[tuple[str, Path]]) -> list[str]:
-        """Queue every archived WAL file newer than the newest already queued, in order; the
-        names queued. ``archived`` is (name, path in Barman's archive)."""
+        """Queue every archived WAL file newer than the newest already queued on its timeline,
+        in order; the names queued. ``archived`` is (name, path in Barman's archive).
+
+        The floor is per timeline: after going back to an earlier timeline, its new segments
+        sort below a later timeline's and must still be shipped."""
         with self.lock:
             state = self.state()
-            newest = state.get("last_enqueued_wal")
-            floor = sort_key(newest) if isinstance(newest, str) and is_wal_name(newest) else None
+            recorded = state.get("last_enqueued_by_timeline")
+            floors: dict[str, str] = (
+                {k: v for k, v in recorded.items() if isinstance(v, str) and is_wal_name(v)}
+                if isinstance(recorded, dict)
+                else {}
+            )
             fresh = sorted(
                 ((name, path) for name, path in archived if is_wal_name(name)),
                 key=lambda item: sort_key(item[0]),
             )
             queued: list[str] = []
             for name, source in fresh:
-                if floor is not None and sort_key(name) <= floor:
+                timeline = name[:8]
+                floor = floors.get(timeline)
+                if floor is not None and sort_key(name) <= sort_key(floor):
                     continue
                 target = self.wal_dir / name
                 if not target.exists():
@@ -133,7 +142,8 @@ class UploadQueue:
                         break
                     os.replace(temporary, target)
                 queued.append(name)
-                self.update_state(last_enqueued_wal=name)
+                floors[timeline] = name
+                self.update_state(last_enqueued_by_timeline=dict(floors))
             return queued
 
     def enqueue_backup(

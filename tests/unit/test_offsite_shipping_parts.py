@@ -136,6 +136,17 @@ def test_queued_wal_survives_barman_removing_its_file_and_a_restart(tmp_path: Pa
     assert [item.name for item in again.wals()] == [segment_name(1, n) for n in (2, 3, 4)]
 
 
+def test_new_wal_on_an_earlier_timeline_is_queued_after_going_back(tmp_path: Path) -> None:
+    queue = UploadQueue(tmp_path / "offsite")
+    queue.prepare()
+    first = [segment_name(2, 5), "00000003.history", segment_name(3, 6), segment_name(3, 7)]
+    assert queue.enqueue_wals(archive(tmp_path, first)) == [first[0], *first[1:]]
+    # Back on timeline 2 (the data from before a recovery): its new segments sort below
+    # timeline 3's and are shipped all the same; what was queued before is not queued again.
+    later = [segment_name(2, 5), segment_name(2, 6), segment_name(3, 7)]
+    assert queue.enqueue_wals(archive(tmp_path, later)) == [segment_name(2, 6)]
+
+
 def test_a_queued_base_backup_is_a_linked_tree_with_its_backup_info(tmp_path: Path) -> None:
     source = tmp_path / "base" / "20261128T010203"
     (source / "data" / "base").mkdir(parents=True)
