@@ -120,27 +120,16 @@ class CloudReader:
 
     def wal_files(self) -> list[StoredWal]:
         """Every WAL segment and history file under ``<prefix>/dbops/wals/`` (boto3)."""
-        from ops.offsite.store import classify, client
+        from ops.offsite.store import StoreError, listed_objects
 
-        s3 = client(self.offsite)
         prefix = self.offsite.key(SERVER_NAME, "wals") + "/"
         found: list[StoredWal] = []
         try:
-            for page in s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.offsite.bucket, Prefix=prefix
-            ):
-                for item in page.get("Contents", []):
-                    match = _WAL_OBJECT.match(str(item["Key"]).rsplit("/", 1)[-1])
-                    if match:
-                        found.append(
-                            StoredWal(
-                                match.group("name"),
-                                str(item["Key"]),
-                                item["LastModified"].timestamp(),
-                            )
-                        )
-        except Exception as error:
-            raise CloudError(f"listing the store's WAL: {classify(error, self.offsite)}") from None
+            for key, uploaded_at in listed_objects(self.offsite, prefix):
+                if match := _WAL_OBJECT.match(key.rsplit("/", 1)[-1]):
+                    found.append(StoredWal(match.group("name"), key, uploaded_at))
+        except StoreError as error:
+            raise CloudError(f"listing the store's WAL: {error}") from None
         found.sort(key=lambda wal: wal_order(wal.name))
         return found
 

@@ -38,7 +38,7 @@ from ops.backup.manifest import (
 )
 from ops.hints import spell
 from ops.offsite.dumps import data_keys, database_folder, manifest_key, store_errors
-from ops.offsite.store import StoreError, client
+from ops.offsite.store import StoreError, client, listed_objects
 from ops.settings import Settings
 
 if TYPE_CHECKING:
@@ -67,20 +67,17 @@ def offsite_backups(
     found: list[Manifest] = []
     invalid: dict[str, str] = {}
     with store_errors(offsite):
-        paginator = s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=offsite.bucket, Prefix=folder, Delimiter="/"):
-            for item in page.get("Contents", []):
-                key = str(item["Key"])
-                name = key[len(folder) :]
-                if not name.endswith(MANIFEST_SUFFIX) or not ID_PATTERN.match(name[:-5]):
-                    continue
-                try:
-                    manifest = read_manifest(settings, s3, name[:-5])
-                except FetchError as problem:
-                    invalid[key] = str(problem)
-                    continue
-                if manifest is not None and manifest.ok:
-                    found.append(manifest)
+        for key, _ in listed_objects(offsite, folder, s3=s3, delimiter="/"):
+            name = key[len(folder) :]
+            if not name.endswith(MANIFEST_SUFFIX) or not ID_PATTERN.match(name[:-5]):
+                continue
+            try:
+                manifest = read_manifest(settings, s3, name[:-5])
+            except FetchError as problem:
+                invalid[key] = str(problem)
+                continue
+            if manifest is not None and manifest.ok:
+                found.append(manifest)
     found.sort(key=lambda m: (m.started, m.id))
     return found, invalid
 

@@ -28,7 +28,7 @@ from ops.offsite.cloud import BarmanCloud
 from ops.offsite.metrics import BASEBACKUP, WAL, OffsiteCounters
 from ops.offsite.queue import QueuedBackup, QueuedWal, UploadQueue
 from ops.offsite.settings import OffsiteSettings
-from ops.offsite.store import StoreError, check, classify, client
+from ops.offsite.store import StoreError, check, classify, listed_objects
 from ops.offsite.wal import Gap, gaps, is_wal_name, missing_count, name_of_object, sort_key
 from ops.pitr.settings import SERVER_NAME, PitrSettings
 
@@ -353,19 +353,8 @@ class Shipper:
     def offsite_wals(self) -> list[str]:
         """The WAL names the store holds for server ``dbops`` (strays ignored)."""
         prefix = self.offsite.key(SERVER_NAME, "wals") + "/"
-        names: list[str] = []
-        try:
-            paginator = client(self.offsite).get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.offsite.bucket, Prefix=prefix):
-                for item in page.get("Contents", []):
-                    name = name_of_object(str(item["Key"]))
-                    if name is not None:
-                        names.append(name)
-        except StoreError:
-            raise
-        except Exception as error:
-            raise classify(error, self.offsite) from None
-        return names
+        listed = (name_of_object(key) for key, _ in listed_objects(self.offsite, prefix))
+        return [name for name in listed if name is not None]
 
     def apply_retention(self) -> None:
         days = self.offsite.retention_days or self.pitr.retention_days

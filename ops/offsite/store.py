@@ -7,6 +7,7 @@ boto3 is imported only here and only when off-host copying is on: a sidecar with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,29 @@ def classify(error: BaseException, settings: OffsiteSettings) -> StoreError:
     if isinstance(error, BotoCoreError):
         return StoreError(UNREACHABLE, f"cannot talk to {where}: {type(error).__name__}")
     return StoreError(OTHER, f"{type(error).__name__} talking to {where}")
+
+
+def listed_objects(
+    settings: OffsiteSettings,
+    prefix: str,
+    *,
+    s3: BaseClient | None = None,
+    delimiter: str | None = None,
+) -> Iterator[tuple[str, float]]:
+    """(key, last-modified epoch) of every object under ``prefix``, page by page; a failure
+    of the store is a :class:`StoreError`."""
+    s3 = s3 if s3 is not None else client(settings)
+    where: dict[str, str] = {"Bucket": settings.bucket, "Prefix": prefix}
+    if delimiter is not None:
+        where["Delimiter"] = delimiter
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(**where):
+            for item in page.get("Contents", []):
+                yield str(item["Key"]), item["LastModified"].timestamp()
+    except StoreError:
+        raise
+    except Exception as error:
+        raise classify(error, settings) from None
 
 
 @dataclass(frozen=True)
