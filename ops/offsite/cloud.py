@@ -78,11 +78,16 @@ def _error_line(text: str) -> str:
 class BarmanCloud:
     """The ``barman-cloud-*`` programs next to the configured ``barman``."""
 
-    def __init__(self, settings: OffsiteSettings, barman: Path) -> None:
+    def __init__(
+        self, settings: OffsiteSettings, barman: Path, *, bounded_retries: bool = True
+    ) -> None:
         assert settings.url is not None
         self.settings = settings
         self.bindir = barman.parent
         self.url = settings.url
+        # The shipper's queue retries across calls with backoff, so each call retries little;
+        # a restore has nothing to retry it later and keeps boto3's own retries.
+        self.bounded_retries = bounded_retries
 
     def program(self, name: str) -> Path:
         return self.bindir / f"barman-cloud-{name}"
@@ -96,8 +101,8 @@ class BarmanCloud:
     def environment(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = kept_environment()
         env.update(self.settings.environment())
-        # Bounded retries inside one call: our queue retries across calls, with backoff.
-        env.update({"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"})
+        if self.bounded_retries:
+            env.update({"AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"})
         env.update(extra or {})
         return env
 

@@ -17,9 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ops.offsite.cloud import BarmanCloud
 from ops.offsite.settings import OffsiteSettings
+from ops.offsite.store import StoreError, listed_objects
 from ops.pitr.barman import BackupInfo
-from ops.pitr.config import kept_environment
 from ops.pitr.settings import SERVER_NAME
 
 # A WAL segment or a timeline history file as Barman Cloud stores it (compressed or not).
@@ -44,63 +45,30 @@ class StoredWal:
         return len(self.name) == 24
 
 
-def _error_line(stderr: str, what: str) -> str:
-    """Barman Cloud's own ERROR line without its exception boilerplate."""
-    for line in stderr.splitlines():
-        line = line.strip()
-        if line.startswith("ERROR:"):
-            text = line.split(":", 1)[1].strip()
-            return re.sub(r"^Barman cloud [a-zA-Z -]+ exception: ", "", text)
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"{what} failed with no message"
-
-
 class CloudReader:
-    """The ``barman-cloud-*`` programs for the server ``dbops`` under ``OFFSITE_S3_URL``."""
+    """The ``barman-cloud-*`` programs for the server ``dbops`` under ``OFFSITE_S3_URL``, run
+    as the shipper runs them (:class:`ops.offsite.cloud.BarmanCloud`), failures as
+    :class:`CloudError`."""
 
     def __init__(self, offsite: OffsiteSettings, bindir: Path) -> None:
         assert offsite.url is not None
         self.offsite = offsite
         self.bindir = bindir
+        self._cloud = BarmanCloud(offsite, bindir / "barman", bounded_retries=False)
 
     def program(self, name: str) -> Path:
-        return self.bindir / f"barman-cloud-{name}"
+        return self._cloud.program(name)
 
     def common_args(self) -> list[str]:
         """Options every barman-cloud command takes; path-style addressing for a self-hosted
         endpoint (a host name such as ``objectstore`` has no bucket subdomains)."""
-        args = ["--cloud-provider", "aws-s3"]
-        if self.offsite.endpoint_url:
-            args += ["--endpoint-url", self.offsite.endpoint_url, "--addressing-style", "path"]
-        return args
-
-    def command(self, name: str, *args: str) -> list[str]:
-        assert self.offsite.url is not None
-        return [str(self.program(name)), *self.common_args(), *args]
-
-    def environment(self) -> dict[str, str]:
-        env = kept_environment()
-        env.update(self.offsite.environment())
-        return env
+        return ["--cloud-provider", "aws-s3", *self._cloud.common_options()]
 
     def run(self, name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         try:
-            result = subprocess.run(
-                self.command(name, *args),
-                env=self.environment(),
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise CloudError(f"barman-cloud-{name} did not finish within {timeout:g}s") from None
-        except OSError as error:
-            raise CloudError(f"cannot run {self.program(name)}: {error.strerror}") from None
-        if result.returncode != 0:
-            raise CloudError(f"barman-cloud-{name}: {_error_line(result.stderr, name)}")
-        return result
+            return self._cloud.run(name, list(args), timeout=timeout)
+        except StoreError as error:
+            raise CloudError(str(error)) from None
 
     # -- what the store holds --------------------------------------------------------------
 
@@ -120,8 +88,6 @@ class CloudReader:
 
     def wal_files(self) -> list[StoredWal]:
         """Every WAL segment and history file under ``<prefix>/dbops/wals/`` (boto3)."""
-        from ops.offsite.store import StoreError, listed_objects
-
         prefix = self.offsite.key(SERVER_NAME, "wals") + "/"
         found: list[StoredWal] = []
         try:
