@@ -65,6 +65,68 @@ def ops(stack: Any, *args: str, run: bool = False, volumes: tuple[str, ...] = ()
     return subprocess.call(command, env=stack.compose_environ())  # the project's image tag
 
 
+def kept_volume_name(stack: Any) -> str:
+    """``<project>_pgdata_before_recover_<UTC stamp>``: where the data a recovery replaces goes."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stack.project}_pgdata_before_recover_{stamp.lower()}"
+
+
+def keep_data(stack: Any, volume: str, kept: str) -> None:
+    """Copy ``volume`` into a new volume ``kept`` and check the copy."""
+    # Labelled as the project's, so `make down` leaves it and it is listed with the others.
+    docker("volume", "create", "--label", f"dbops.recovered-from={volume}",
+           "--label", f"com.docker.compose.project={stack.project}", kept)  # fmt: skip
+    # Same entries and the same bytes in files (directories' own sizes may differ).
+    same = (
+        "cp -a /from/. /to/ && sum() { find \"$1\" -type f -printf '%s\\n' | "
+        "awk '{ n += 1; b += $1 } END { print n, b }'; } && "
+        '[ "$(find /from | wc -l)" = "$(find /to | wc -l)" ] && [ "$(sum /from)" = "$(sum /to)" ]'
+    )
+    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/from:ro",
+           "-v", f"{kept}:/to", image_of(stack, "postgres"), "-c", same)  # fmt: skip
+
+
+def empty_for_restore(stack: Any, volume: str) -> None:
+    """Empty the data volume and give it to the sidecar's user, who restores into it."""
+    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/data",
+           image_of(stack, "ops"), "-c",
+           "find /data -mindepth 1 -delete && chown dbops:dbops /data")  # fmt: skip
+
+
+def hand_to_postgres(stack: Any, volume: str) -> None:
+    """The data's owner is the PostgreSQL image's own postgres user, whatever its uid there."""
+    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/data",
+           image_of(stack, "postgres"), "-c",
+           "chown -R postgres:postgres /data && chmod 700 /data")  # fmt: skip
+
+
+def wait_promoted(stack: Any, back: str) -> None:
+    """Wait until PostgreSQL has replayed to the target and promoted; a server that stops or
+    takes too long is a StackError ending with ``back`` (where the earlier data is)."""
+    from stack import StackError
+
+    deadline = time.monotonic() + PROMOTE_TIMEOUT
+    while psql(stack, "SELECT pg_is_in_recovery()") != "f":
+        state = stack.containers().get("postgres")
+        if state is None or state["status"] in ("exited", "dead") or int(state["restarts"]) > 0:
+            stack.run_compose("stop", "postgres", check=False)
+            stack.run_compose("logs", "--no-color", "--tail=30", "postgres", check=False)
+            raise StackError(f"PostgreSQL stopped during recovery (its log above); {back}")
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"PostgreSQL did not promote within {PROMOTE_TIMEOUT:g}s; see `make logs "
+                f"SERVICE=postgres`; {back}"
+            )
+        time.sleep(1)
+
+
+def remove_in_data(stack: Any, name: str) -> None:
+    """Remove ``name`` from the running server's data directory (staged WAL, spent)."""
+    subprocess.call(stack.compose("exec", "-T", "postgres", "sh", "-c",
+                                  f'rm -rf "{DATA_MOUNT}/{name}"'),
+                    env=stack.compose_environ())  # fmt: skip
+
+
 def cmd_recover(stack: Any, args: Any) -> int:
     from stack import StackError, say
 
@@ -74,12 +136,8 @@ def cmd_recover(stack: Any, args: Any) -> int:
         return recover_offsite(stack, args)
     target = ["--target-time", args.time] if args.time else ["--target", "latest"]
     described = f"time {args.time}" if args.time else "the latest point"
-    project = stack.project
-    volume = f"{project}_pgdata"
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    kept = f"{project}_pgdata_before_recover_{stamp.lower()}"
-    postgres_image = image_of(stack, "postgres")
-    ops_image = image_of(stack, "ops")
+    volume = f"{stack.project}_pgdata"
+    kept = kept_volume_name(stack)
 
     say(f"recovering the database to {described}")
     # What was committed up to now must be in the archive before the window is judged.
@@ -97,53 +155,22 @@ def cmd_recover(stack: Any, args: Any) -> int:
     stack.run_compose("stop", "postgres")
 
     say(f"keeping the current data in volume {kept}")
-    # Labelled as the project's, so `make down` leaves it and it is listed with the others.
-    docker("volume", "create", "--label", f"dbops.recovered-from={volume}",
-           "--label", f"com.docker.compose.project={project}", kept)
-    # Same entries and the same bytes in files (directories' own sizes may differ).
-    same = (
-        "cp -a /from/. /to/ && sum() { find \"$1\" -type f -printf '%s\\n' | "
-        "awk '{ n += 1; b += $1 } END { print n, b }'; } && "
-        '[ "$(find /from | wc -l)" = "$(find /to | wc -l)" ] && [ "$(sum /from)" = "$(sum /to)" ]'
-    )
-    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/from:ro",
-           "-v", f"{kept}:/to", postgres_image, "-c", same)
+    keep_data(stack, volume, kept)
+    back = f"the data before the recovery is in volume {kept}: " + going_back(stack, volume, kept)
 
     say("restoring the base backup and WAL into the data volume")
-    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/data",
-           ops_image, "-c", "find /data -mindepth 1 -delete && chown dbops:dbops /data")
+    empty_for_restore(stack, volume)
     # At the path PostgreSQL sees it: the recovery settings barman writes name this path.
     if ops(stack, "pitr", "restore", DATA_MOUNT, *target, run=True,
-           volumes=(f"{volume}:{DATA_MOUNT}",)) != 0:
-        raise StackError(
-            f"the restore failed (above); the data before it is in volume {kept}: "
-            + going_back(stack, volume, kept)
-        )
-    # The data's owner is the PostgreSQL image's own postgres user, whatever its uid there.
-    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/data",
-           postgres_image, "-c", "chown -R postgres:postgres /data && chmod 700 /data")
+           volumes=(f"{volume}:{DATA_MOUNT}",)) != 0:  # fmt: skip
+        raise StackError(f"the restore failed (above); {back}")
+    hand_to_postgres(stack, volume)
 
     say("starting PostgreSQL: it replays WAL to the target, then promotes")
     stack.run_compose("up", "-d", "--no-deps", "postgres")
-    deadline = time.monotonic() + PROMOTE_TIMEOUT
-    while psql(stack, "SELECT pg_is_in_recovery()") != "f":
-        state = stack.containers().get("postgres")
-        if state is None or state["status"] in ("exited", "dead") or int(state["restarts"]) > 0:
-            stack.run_compose("stop", "postgres", check=False)
-            stack.run_compose("logs", "--no-color", "--tail=30", "postgres", check=False)
-            raise StackError(
-                f"PostgreSQL stopped during recovery (its log above); the data before the "
-                f"recovery is in volume {kept}: " + going_back(stack, volume, kept)
-            )
-        if time.monotonic() > deadline:
-            raise StackError(
-                f"PostgreSQL did not promote within {PROMOTE_TIMEOUT:g}s; see `make logs "
-                f"SERVICE=postgres`. The data before the recovery is in volume {kept}."
-            )
-        time.sleep(1)
+    wait_promoted(stack, back)
     # barman recover stages the WAL it replays inside the data directory: not data to keep.
-    subprocess.call(stack.compose("exec", "-T", "postgres", "sh", "-c",
-                                  f'rm -rf "{DATA_MOUNT}/barman_wal"'), env=stack.compose_environ())
+    remove_in_data(stack, "barman_wal")
     stack.run_compose("up", "-d", *stack.services)
     stack.wait(stack.services, float(stack.setting("STACK_WAIT_TIMEOUT", "180")))
     report(stack, described, volume, kept)

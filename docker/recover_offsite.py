@@ -22,11 +22,23 @@ library only, like stack.py. The steps:
 from __future__ import annotations
 
 import subprocess
-import time
-from datetime import UTC, datetime
 from typing import Any
 
-from recover import DATA_MOUNT, PROMOTE_TIMEOUT, docker, going_back, image_of, ops, psql, report
+from recover import (
+    DATA_MOUNT,
+    docker,
+    empty_for_restore,
+    going_back,
+    hand_to_postgres,
+    image_of,
+    keep_data,
+    kept_volume_name,
+    ops,
+    psql,
+    remove_in_data,
+    report,
+    wait_promoted,
+)
 
 STAGED_WAL = "dbops_offsite_wal"  # ops.offsite.recovery.STAGED_WAL
 RECOVERY_SETTINGS = (
@@ -66,8 +78,7 @@ def recover_offsite(stack: Any, args: Any) -> int:
     described = f"time {args.time}" if args.time else "the latest point in the object store"
     project = stack.project
     volume = f"{project}_pgdata"
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    kept = f"{project}_pgdata_before_recover_{stamp.lower()}"
+    kept = kept_volume_name(stack)
     postgres_image = image_of(stack, "postgres")
     ops_image = image_of(stack, "ops")
 
@@ -93,54 +104,27 @@ def recover_offsite(stack: Any, args: Any) -> int:
     had_data = volume_exists(volume) and volume_has_data(volume, postgres_image)
     if had_data:
         say(f"keeping the current data in volume {kept}")
-        docker("volume", "create", "--label", f"dbops.recovered-from={volume}",
-               "--label", f"com.docker.compose.project={project}", kept)  # fmt: skip
-        same = (
-            "cp -a /from/. /to/ && sum() { find \"$1\" -type f -printf '%s\\n' | "
-            "awk '{ n += 1; b += $1 } END { print n, b }'; } && "
-            '[ "$(find /from | wc -l)" = "$(find /to | wc -l)" ] && '
-            '[ "$(sum /from)" = "$(sum /to)" ]'
-        )
-        docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/from:ro",
-               "-v", f"{kept}:/to", postgres_image, "-c", same)  # fmt: skip
+        keep_data(stack, volume, kept)
+        back = going_back(stack, volume, kept)
     else:
         say(f"volume {volume} is missing or empty: nothing to keep")
+        back = "no earlier data was kept"
         if not volume_exists(volume):
             # As compose would create it, so compose keeps using (and `make down` keeps) it.
             docker("volume", "create", "--label", f"com.docker.compose.project={project}",
                    "--label", "com.docker.compose.volume=pgdata", volume)  # fmt: skip
 
-    def back() -> str:
-        return going_back(stack, volume, kept) if had_data else "no earlier data was kept"
-
     say("restoring the base backup and staging its WAL from the object store")
-    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/data",
-           ops_image, "-c", "find /data -mindepth 1 -delete && chown dbops:dbops /data")  # fmt: skip
+    empty_for_restore(stack, volume)
     if ops(stack, "pitr", "restore", DATA_MOUNT, "--from", "offsite", "--wal", "stage", *target,
            run=True, volumes=(f"{volume}:{DATA_MOUNT}",)) != 0:  # fmt: skip
-        raise StackError(f"the restore from the object store failed (above); {back()}")
-    # The data's owner is the PostgreSQL image's own postgres user, whatever its uid there.
-    docker("run", "--rm", "--user", "root", "--entrypoint", "sh", "-v", f"{volume}:/data",
-           postgres_image, "-c", "chown -R postgres:postgres /data && chmod 700 /data")  # fmt: skip
+        raise StackError(f"the restore from the object store failed (above); {back}")
+    hand_to_postgres(stack, volume)
 
     say("starting PostgreSQL: it replays the staged WAL to the target, then promotes")
     stack.run_compose("up", "-d", "--no-deps", "postgres")
-    deadline = time.monotonic() + PROMOTE_TIMEOUT
-    while psql(stack, "SELECT pg_is_in_recovery()") != "f":
-        state = stack.containers().get("postgres")
-        if state is None or state["status"] in ("exited", "dead") or int(state["restarts"]) > 0:
-            stack.run_compose("stop", "postgres", check=False)
-            stack.run_compose("logs", "--no-color", "--tail=30", "postgres", check=False)
-            raise StackError(f"PostgreSQL stopped during recovery (its log above); {back()}")
-        if time.monotonic() > deadline:
-            raise StackError(
-                f"PostgreSQL did not promote within {PROMOTE_TIMEOUT:g}s; see `make logs "
-                f"SERVICE=postgres`; {back()}"
-            )
-        time.sleep(1)
-    subprocess.call(stack.compose("exec", "-T", "postgres", "sh", "-c",
-                                  f'rm -rf "{DATA_MOUNT}/{STAGED_WAL}"'),
-                    env=stack.compose_environ())  # fmt: skip
+    wait_promoted(stack, back)
+    remove_in_data(stack, STAGED_WAL)
     # The recovery settings are spent: out of postgresql.auto.conf, so the next base backup
     # does not carry them into a later recovery.
     for name in RECOVERY_SETTINGS:
