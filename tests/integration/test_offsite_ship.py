@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -106,6 +107,7 @@ def test_wal_and_base_backup_reach_the_store_in_barman_cloud_layout(
     service: PitrService,
     object_store: ObjectStore,
     bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     shipper = shipper_of(service)
     service.supervise()  # streaming and the first base backup
@@ -125,6 +127,17 @@ def test_wal_and_base_backup_reach_the_store_in_barman_cloud_layout(
             )
             watching.wait(0.05)
 
+    # Every command line the uploads run with, recorded as they start (ps samples may miss
+    # an upload that starts and ends between two of them).
+    started: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording_run(command: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(command, list) and "barman-cloud" in str(command[0]):
+            started.append([str(part) for part in command])
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
     watcher = threading.Thread(target=watch_ps)
     watcher.start()
     try:
@@ -170,7 +183,9 @@ def test_wal_and_base_backup_reach_the_store_in_barman_cloud_layout(
 
     secret = object_store.secret_access_key
     assert seen_args and not any(secret in text for text in seen_args)
-    assert any("barman-cloud" in text for text in seen_args)  # the watch did see uploads
+    programs = {Path(command[0]).name for command in started}
+    assert {"barman-cloud-wal-archive", "barman-cloud-backup"} <= programs  # uploads were run
+    assert not any(secret in part for command in started for part in command)
     assert secret not in generate_latest(service.registry).decode()  # type: ignore[attr-defined]
 
 
