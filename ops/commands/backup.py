@@ -8,10 +8,10 @@ import json
 import logging
 import signal
 import sys
-import threading
 from typing import Any
 
 from db.errors import error_line
+from ops.interrupts import interrupt_on, stop_if_requested
 from ops.settings import Settings, load_settings
 from ops.units import human_size
 
@@ -112,7 +112,9 @@ def run_backup(args: argparse.Namespace) -> int:
     pruned: list[str] = []
     # the result is printed below; the sidecar's summary log line would say it a second time
     logging.getLogger("ops.backup.summary").setLevel(logging.WARNING)
-    stopping = _interrupt_on_sigterm()
+    # Ctrl-C and `docker stop` unwind the run so it removes its temporaries; the request is
+    # kept, so a lost KeyboardInterrupt still stops it (ops.interrupts).
+    stopping = interrupt_on(signal.SIGINT, signal.SIGTERM)
 
     def progress(size: int) -> None:
         print(f"\rdumping {settings.db.database}: {human_size(size)}", end="", file=sys.stderr)
@@ -133,7 +135,7 @@ def run_backup(args: argparse.Namespace) -> int:
     except LockHeld as held:
         return _fail(f"backup not started: {held}")
     except BackupError as error:
-        _unless_stopping()  # cancelled by a SIGTERM whose KeyboardInterrupt was lost
+        stop_if_requested()  # cancelled by a signal whose KeyboardInterrupt was lost
         return _fail(f"{chr(10) if tty else ''}backup failed: {error}")
     finally:
         if tty:
@@ -148,20 +150,6 @@ def run_backup(args: argparse.Namespace) -> int:
         if pruned:
             print(f"retention deleted: {', '.join(pruned)}")
     return EXIT_OK
-
-
-def _interrupt_on_sigterm() -> threading.Event:
-    """Ctrl-C and ``docker stop`` (SIGTERM) unwind the run so it removes its temporaries;
-    :mod:`ops.interrupts` keeps the request, so a lost KeyboardInterrupt still stops it."""
-    from ops.interrupts import interrupt_on
-
-    return interrupt_on(signal.SIGINT, signal.SIGTERM)
-
-
-def _unless_stopping() -> None:
-    from ops.interrupts import stop_if_requested
-
-    stop_if_requested()
 
 
 def _verified(manifest: Any) -> str:
@@ -271,7 +259,7 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
     last_shown = [-1]
 
     def progress(done: int, total: int, item: str) -> None:
-        _unless_stopping()
+        stop_if_requested()
         if tty:
             print(f"\r\x1b[K[{done}/{total}] {item[:70]}", end="", file=sys.stderr)
         elif total and done * 10 // total != last_shown[0]:
@@ -281,7 +269,7 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
     jobs = args.jobs if args.jobs is not None else settings.backup.jobs
     if jobs < 1:
         return _fail("-j must be at least 1")
-    _interrupt_on_sigterm()  # so a stopped restore still drops its staging database
+    interrupt_on(signal.SIGINT, signal.SIGTERM)  # a stopped restore drops its staging database
     try:
         result = restore_backup(
             settings,
