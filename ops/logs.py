@@ -43,8 +43,16 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Drop a library's record of a Ctrl-C or ``docker stop`` it caught on the way: SQLAlchemy
+    logs one with its traceback when the signal lands in a connection's close, then re-raises
+    it. The command reports the interruption itself, in one line."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
 def setup_logging(log_format: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_not_an_interrupt)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

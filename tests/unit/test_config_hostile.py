@@ -18,7 +18,7 @@ from db.redact import redact, redact_unparsed_url
 from db.settings import ConfigError, load_db_settings
 from ops.backup.pgtools import libpq_env
 from ops.cli import main
-from ops.logs import JsonFormatter, TextFormatter
+from ops.logs import JsonFormatter, TextFormatter, setup_logging
 from ops.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,6 +237,31 @@ def test_log_lines_are_redacted_in_text_and_json() -> None:
         shown = formatter.format(record)
         assert "password=***" in shown
         assert_no_fragment(shown, PASSWORD)
+
+
+def test_a_library_s_record_of_an_interrupt_is_not_shown_but_its_errors_are(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    setup_logging("text", "info")
+    try:
+        pool_log = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pool_log.error("Exception closing connection %r", "<connection>", exc_info=True)
+        try:
+            raise OSError("server closed the connection unexpectedly")
+        except OSError:
+            pool_log.error("Exception closing connection %r", "<connection>", exc_info=True)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    shown = capsys.readouterr().err
+    assert "KeyboardInterrupt" not in shown
+    assert shown.count("Exception closing connection") == 1
+    assert "OSError: server closed the connection unexpectedly" in shown
 
 
 # -- values that validate but fail at runtime ---------------------------------------------------
