@@ -136,14 +136,26 @@ def run_held_by_lock(url: URL, directory: Path, settings: Settings) -> Iterator[
 
 
 # ``python -c lost_signal("SIGTERM") <ops arguments>`` runs the CLI and sends it that signal
-# each time it starts a child process. Python runs the handler inside logging's at-fork
-# callback and ignores the KeyboardInterrupt it raises: only a stop request the run keeps can
-# stop it.
+# each time it starts a child process. Python runs the handler inside an at-fork callback and
+# ignores the KeyboardInterrupt it raises: only a stop request the run keeps can stop it. The
+# callback writes LOST_AT_FORK when the interrupt was raised there, the proof it was lost.
+LOST_AT_FORK = "the interrupt was raised in an at-fork callback"
+
+
 def lost_signal(name: str) -> str:
     return f"""
 import os, signal, sys
 from ops.cli import main
-os.register_at_fork(after_in_parent=lambda: (os.kill(os.getpid(), signal.{name}), len("x")))
+
+def send_at_fork():
+    try:
+        os.kill(os.getpid(), signal.{name})
+        len("x")  # the handler runs here at the latest
+    except KeyboardInterrupt:
+        sys.stderr.write("{LOST_AT_FORK}\\n")
+        raise
+
+os.register_at_fork(after_in_parent=send_at_fork)
 sys.exit(main())
 """
 
