@@ -44,7 +44,11 @@ def register(commands: Any) -> None:
     target = restore.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-time", help="e.g. '2026-11-28 14:05:00+00' (zone required)")
     target.add_argument("--target-lsn", help="e.g. 0/3000060")
-    target.add_argument("--target", choices=["latest"], help="everything the archive holds")
+    target.add_argument(
+        "--target",
+        choices=["latest"],
+        help="everything the archive holds (locally, also the segment being streamed)",
+    )
     restore.add_argument(
         "--replace",
         action="store_true",

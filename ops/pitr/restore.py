@@ -221,6 +221,11 @@ def restore(
         # which PostgreSQL's "latest" (the highest number in the archive) would not be.
         timeline = latest_archived_timeline(barman.settings)
         args += ["--target-tli", str(timeline) if timeline else "latest"]
+        # The segment being streamed when the server stopped (``.partial``, flushed within a
+        # second of the server writing it) is part of "latest": after a crash it holds the
+        # commits since the last WAL switch, up to one PITR_ARCHIVE_TIMEOUT of them. Barman
+        # takes it only when it follows the last archived segment on the target timeline.
+        args.append("--partial-wal")
     started = time.monotonic()
     try:
         barman.run(*args, timeout=timeout)
