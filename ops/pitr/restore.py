@@ -8,15 +8,18 @@ result names, never deleted). Only then does ``barman recover`` run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
-from ops.pitr.settings import SERVER_NAME
+from ops.pitr.settings import SERVER_NAME, PitrSettings
 from ops.pitr.status import PitrStatus, latest_archived_timeline
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
@@ -189,6 +192,30 @@ class RestoreResult:
     seconds: float
 
 
+@contextlib.contextmanager
+def _no_receiver(settings: PitrSettings) -> Iterator[bool]:
+    """Hold Barman's receive-wal lock for the restore when no receiver holds it (yields True):
+    then nothing writes the ``.partial`` segment while it is copied. A running receiver can
+    complete the segment under the copy (it renames it), so with one its ``.partial`` is left
+    out (yields False): the live server still has that WAL, and ``ops pitr switch-wal``
+    before the restore archives it."""
+    path = settings.barman_home / f".{SERVER_NAME}-receive-wal.lock"
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def restore(
     barman: Barman,
     status: PitrStatus,
@@ -221,14 +248,16 @@ def restore(
         # which PostgreSQL's "latest" (the highest number in the archive) would not be.
         timeline = latest_archived_timeline(barman.settings)
         args += ["--target-tli", str(timeline) if timeline else "latest"]
-        # The segment being streamed when the server stopped (``.partial``, flushed within a
-        # second of the server writing it) is part of "latest": after a crash it holds the
-        # commits since the last WAL switch, up to one PITR_ARCHIVE_TIMEOUT of them. Barman
-        # takes it only when it follows the last archived segment on the target timeline.
-        args.append("--partial-wal")
     started = time.monotonic()
     try:
-        barman.run(*args, timeout=timeout)
+        with _no_receiver(barman.settings) as quiet:
+            if target.kind == "latest" and quiet:
+                # The segment being streamed when the server stopped (``.partial``, flushed
+                # within a second of the server writing it) is part of "latest": after a crash
+                # it holds the commits since the last WAL switch. Barman takes it only when it
+                # follows the last archived segment on the target timeline.
+                args.append("--partial-wal")
+            barman.run(*args, timeout=timeout)
     except BarmanError as error:
         where = f"; what {destination} held is in {kept}" if kept else ""
         raise BarmanError(f"{error}{where}") from None
