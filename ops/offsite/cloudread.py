@@ -53,7 +53,6 @@ class CloudReader:
     def __init__(self, offsite: OffsiteSettings, bindir: Path) -> None:
         assert offsite.url is not None
         self.offsite = offsite
-        self.bindir = bindir
         self._cloud = BarmanCloud(offsite, bindir / "barman", bounded_retries=False)
 
     def program(self, name: str) -> Path:

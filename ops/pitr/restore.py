@@ -250,8 +250,12 @@ def restore(
         args += ["--target-tli", str(timeline) if timeline else "latest"]
     started = time.monotonic()
     try:
-        with _no_receiver(barman.settings) as quiet:
-            if target.kind == "latest" and quiet:
+        # Only "latest" reads the segment being streamed: a recovery to a time or an LSN leaves
+        # the receiver's lock alone, so streaming can restart while it copies.
+        latest = target.kind == "latest"
+        receiver = _no_receiver(barman.settings) if latest else contextlib.nullcontext(False)
+        with receiver as no_receiver:
+            if no_receiver:
                 # The segment being streamed when the server stopped (``.partial``, flushed
                 # within a second of the server writing it) is part of "latest": after a crash
                 # it holds the commits since the last WAL switch. Barman takes it only when it
