@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from db.settings import ConfigError
 
@@ -68,5 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def entry() -> NoReturn:
+    """The console script: :func:`main`, then exit without the interpreter's final garbage
+    collection. That pass walks every object the imports made (SQLAlchemy's are most of them),
+    about 50 ms of a two-core machine on each call of a short command such as a scheduled
+    ``ops backup run``; the process is about to end and holds nothing it would release.
+    Handlers registered with :mod:`atexit`, buffered output and module teardown still run."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,7 +1,7 @@
 """``ops backup run`` against bare ``pg_dump`` on a ~1 GB database, same run, alternating.
 
 Prints the ratio (target: at most 1.05x bare pg_dump), throughput, and the restore and
-verify-drill times. Asserts no time: the figures depend on the machine and its load.
+verify-drill times; and, on a small database, the fixed cost a CLI run adds to the dump. Asserts no time: the figures depend on the machine and its load.
 Scale with DBOPS_BENCH_SCALE (pgbench scale, default 60) and DBOPS_BENCH_RANDOM_MB (default 150).
 """
 
@@ -35,6 +35,7 @@ ROUNDS = int(os.environ.get("DBOPS_BENCH_ROUNDS", "5"))
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 SCALE = int(os.environ.get("DBOPS_BENCH_SCALE", "60"))
 RANDOM_MB = int(os.environ.get("DBOPS_BENCH_RANDOM_MB", "150"))
+FIXED_COST_ROUNDS = 15
 
 
 def _pgbench() -> str:
@@ -131,6 +132,32 @@ def _time_cli_start(url: URL, directory: Path) -> float:
         capture_output=True,
     )
     return time.perf_counter() - started
+
+
+def test_fixed_cost_of_a_cli_run(pg: Server, tmp_path: Path) -> None:
+    """What a CLI run adds whatever the size: ``ops backup run`` against bare ``pg_dump`` on a
+    small database (one table of 1,000 rows), alternated, so the dump itself costs next to
+    nothing and the difference is start-up, connection, snapshot, manifest and exit."""
+    database = pg.create_database()
+    url = pg.url(database)
+    try:
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 1000) g")
+            )
+        engine.dispose()
+        ours, bare = [], []
+        for _ in range(FIXED_COST_ROUNDS):
+            bare.append(_time_bare_pg_dump(url, tmp_path / "bare.dump"))
+            ours.append(_time_ops_backup_run(url, tmp_path / "backups"))
+        print(
+            f"\nsmall database, {FIXED_COST_ROUNDS} rounds alternated: bare pg_dump median "
+            f"{statistics.median(bare):.3f}s, ops backup run {statistics.median(ours):.3f}s: "
+            f"a CLI run adds {statistics.median(ours) - statistics.median(bare):.3f}s"
+        )
+    finally:
+        pg.drop_database(database)
 
 
 def test_backup_run_against_bare_pg_dump(pg: Server, tmp_path: Path) -> None:
