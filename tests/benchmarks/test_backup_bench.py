@@ -1,7 +1,8 @@
 """``ops backup run`` against bare ``pg_dump`` on a ~1 GB database, same run, alternating.
 
 Prints the ratio (target: at most 1.05x bare pg_dump), throughput, and the restore and
-verify-drill times; and, on a small database, the fixed cost a CLI run adds to the dump. Asserts no time: the figures depend on the machine and its load.
+verify-drill times; and, on a small database, the fixed cost a CLI run adds to the dump.
+Asserts no time: the figures depend on the machine and its load.
 Scale with DBOPS_BENCH_SCALE (pgbench scale, default 60) and DBOPS_BENCH_RANDOM_MB (default 150).
 """
 
