@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ops.backup.lock import open_lock_file
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
 from ops.pitr.settings import SERVER_NAME, PitrSettings
 from ops.pitr.status import PitrStatus, latest_archived_timeline
@@ -199,10 +200,9 @@ def _no_receiver(settings: PitrSettings) -> Iterator[bool]:
     complete the segment under the copy (it renames it), so with one its ``.partial`` is left
     out (yields False): the live server still has that WAL, and ``ops pitr switch-wal``
     before the restore archives it."""
-    path = settings.barman_home / f".{SERVER_NAME}-receive-wal.lock"
     try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError:
+        descriptor = open_lock_file(settings.barman_home / f".{SERVER_NAME}-receive-wal.lock")
+    except OSError:  # a link or a non-regular file planted there included
         yield False
         return
     try:

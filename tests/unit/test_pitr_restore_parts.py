@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from ops.pitr.barman import BackupInfo
 from ops.pitr.restore import (
     RestoreRefused,
+    _no_receiver,
     choose_backup,
     format_lsn,
     parse_lsn,
@@ -167,3 +172,38 @@ def test_barman_error_line_is_the_error_not_a_warning_before_it() -> None:
     assert _error_of('{"_ERROR": ["ERROR: Impossible to start the backup"]}', "") == (
         "Impossible to start the backup"
     )
+
+
+def _barman_home(path: Path) -> Any:
+    return cast(Any, SimpleNamespace(barman_home=path))
+
+
+def test_the_partial_segment_is_taken_only_while_no_receiver_holds_its_lock(
+    tmp_path: Path,
+) -> None:
+    lock = tmp_path / ".dbops-receive-wal.lock"
+    with _no_receiver(_barman_home(tmp_path)) as free:
+        assert free
+    receiver = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(receiver, fcntl.LOCK_EX)
+        with _no_receiver(_barman_home(tmp_path)) as free:
+            assert not free
+    finally:
+        os.close(receiver)
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_planted_receiver_lock_is_neither_followed_nor_trusted(
+    tmp_path: Path, planted: str
+) -> None:
+    lock = tmp_path / ".dbops-receive-wal.lock"
+    victim = tmp_path / "victim"
+    victim.write_text("kept")
+    if planted == "symlink":
+        lock.symlink_to(victim)
+    else:
+        os.mkfifo(lock)
+    with _no_receiver(_barman_home(tmp_path)) as free:
+        assert not free
+    assert victim.read_text() == "kept"
