@@ -55,6 +55,12 @@ class Pending:
     database: str
     bytes: int
     queued_at: float
+    started: float | None = None  # the backup's start (epoch seconds); None in older queues
+
+    def order(self) -> tuple[str, float, str]:
+        """Taken first, shipped first. The id names the second the backup started in, and
+        two backups can start in the same second: its random tail would then decide."""
+        return self.id[:16], self.started or 0.0, self.id
 
 
 @dataclass
@@ -69,13 +75,15 @@ class QueueState:
     def waiting(self, backup_id: str) -> bool:
         return any(p.id == backup_id for p in self.pending)
 
-    def add(self, backup_id: str, database: str, size: int, now: float) -> bool:
-        """Queue a backup unless it is queued or shipped already; the queue stays in id order,
-        which is the order the backups were taken in."""
+    def add(
+        self, backup_id: str, database: str, size: int, now: float, started: float | None = None
+    ) -> bool:
+        """Queue a backup unless it is queued or shipped already; the queue stays in the order
+        the backups were taken in (:meth:`Pending.order`)."""
         if backup_id in self.shipped or self.waiting(backup_id):
             return False
-        self.pending.append(Pending(backup_id, database, size, now))
-        self.pending.sort(key=lambda p: p.id)
+        self.pending.append(Pending(backup_id, database, size, now, started))
+        self.pending.sort(key=Pending.order)
         return True
 
     def remove(self, backup_id: str) -> None:
@@ -122,9 +130,16 @@ def parse_state(content: bytes) -> QueueState:
             and 0 < len(entry["database"]) <= _DATABASE_MAX
             and _count(entry.get("bytes"))
             and _moment(entry.get("queued_at"))
+            and (entry.get("started") is None or _moment(entry["started"]))
         ):
             raise QueueInvalid(f"pending entry {position}: not a queued backup")
-        state.add(entry["id"], entry["database"], entry["bytes"], float(entry["queued_at"]))
+        state.add(
+            entry["id"],
+            entry["database"],
+            entry["bytes"],
+            float(entry["queued_at"]),
+            _float_or_none(entry.get("started")),
+        )
     shipped = data.get("shipped")
     if not isinstance(shipped, dict) or not all(
         isinstance(k, str) and _ID.match(k) and _moment(v) for k, v in shipped.items()

@@ -169,7 +169,11 @@ def catch_up(settings: Settings, store: BackupDirectory | None = None) -> list[s
         state.shipped = {i: t for i, t in state.shipped.items() if i in local}
         for manifest in backups:
             if manifest.verified and state.add(
-                manifest.id, manifest.database, manifest.size_bytes, now
+                manifest.id,
+                manifest.database,
+                manifest.size_bytes,
+                now,
+                manifest.started.timestamp(),
             ):
                 added.append(manifest.id)
     if added:

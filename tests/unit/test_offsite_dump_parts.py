@@ -65,6 +65,29 @@ def test_queue_keeps_backups_in_the_order_they_were_taken_and_never_twice() -> N
     assert [p.id for p in parse_state(state.to_json().encode()).pending] == [earlier, later]
 
 
+def test_two_backups_of_one_second_are_queued_in_the_order_they_started() -> None:
+    """Their ids differ only in the random tail, which would put the later one first here."""
+    first, second = backup_id(NOW, "ffffff"), backup_id(NOW, "000000")
+    state = QueueState()
+    start = NOW.timestamp()
+    assert state.add(second, "app", 1, 1.0, start + 0.6) and state.add(
+        first, "app", 1, 2.0, start + 0.2
+    )
+    assert [p.id for p in state.pending] == [first, second]
+    assert [p.id for p in parse_state(state.to_json().encode()).pending] == [first, second]
+    # a queue written before the start times were kept still reads, in id order
+    old = {
+        "version": 1,
+        "pending": [
+            {"id": second, "database": "app", "bytes": 1, "queued_at": 1},
+            {"id": first, "database": "app", "bytes": 1, "queued_at": 1},
+        ],
+        "shipped": {},
+        "failures": 0,
+    }
+    assert [p.id for p in parse_state(json.dumps(old).encode()).pending] == [second, first]
+
+
 @pytest.mark.parametrize(
     "pending",
     [
@@ -73,6 +96,7 @@ def test_queue_keeps_backups_in_the_order_they_were_taken_and_never_twice() -> N
         [{"id": backup_id(NOW), "database": "", "bytes": 1, "queued_at": 1}],
         [{"id": backup_id(NOW), "database": "app", "bytes": 1, "queued_at": 1e300}],
         [{"id": backup_id(NOW), "database": "app", "bytes": True, "queued_at": 1}],
+        [{"id": backup_id(NOW), "database": "app", "bytes": 1, "queued_at": 1, "started": "x"}],
         "not a list",
     ],
 )
