@@ -31,6 +31,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 from sqlalchemy.util import queue as sqla_queue
 
 from db.errors import DatabaseDisabled, error_line
+from db.pgurl import sqlalchemy_url
 from db.settings import DbSettings, database_enabled, load_db_settings
 
 if TYPE_CHECKING:  # the ORM costs 6 MB of resident memory; the sidecar never opens a session
@@ -102,7 +103,7 @@ def create_engine(settings: DbSettings, **overrides: Any) -> Engine:
         "connect_args": connect_args,
     }
     options.update(overrides)
-    engine = sa_create_engine(settings.url, **options)
+    engine = sa_create_engine(sqlalchemy_url(settings.url), **options)
     install_listeners(engine)
     return engine
 

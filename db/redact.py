@@ -11,8 +11,12 @@ It errs on the side of hiding too much: a password is never shown in part.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import URL
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+    from db.pgurl import PgUrl
 
 REDACTED = "***"
 
@@ -54,7 +58,7 @@ def redact(text: str) -> str:
     return _URL.sub(_userinfo, _KEYWORD.sub(_keyword, text))
 
 
-def redact_url(url: URL) -> str:
+def redact_url(url: PgUrl | URL) -> str:
     """A URL as it may be shown: password hidden, whether in the userinfo or in the query."""
     return redact(url.render_as_string(hide_password=True))
 

@@ -15,9 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
-
+from db.pgurl import PgUrl, parse_url
 from db.redact import REDACTED, redact, redact_unparsed_url, redact_url
 from db.urls import INT_MAX, name_problem, url_problem, url_text_problem
 
@@ -253,7 +251,9 @@ def _number_text(number: float) -> str:
 class DbSettings:
     """How to reach PostgreSQL and how to pool connections to it."""
 
-    url: URL = field(repr=False)  # URL's repr hides a userinfo password, not ?password=
+    # a SQLAlchemy URL given here becomes a PgUrl of the same parts; the repr of either hides
+    # a userinfo password, not a ?password=
+    url: PgUrl = field(repr=False)
     pool_size: int = 20
     max_overflow: int = 40
     pool_timeout: float = 30.0
@@ -262,6 +262,9 @@ class DbSettings:
     application_name: str = "dbops"
     connect_timeout: int = 10
     statement_timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", PgUrl.of(self.url))
 
     @property
     def redacted_url(self) -> str:
@@ -274,7 +277,7 @@ class DbSettings:
 
 def read_postgres_url(
     reader: EnvReader, name: str, password_variable: str
-) -> tuple[bool, URL | None]:
+) -> tuple[bool, PgUrl | None]:
     """A ``postgresql://`` URL from ``name`` (or ``name_FILE``): whether it was set, and the
     URL, or ``None`` with the problem recorded. Problems never show any part of the password.
 
@@ -290,8 +293,8 @@ def read_postgres_url(
         reader.problem(name, redact_unparsed_url(text), reason)
         return True, None
     try:
-        url = make_url(text)
-    except (ArgumentError, ValueError):
+        url = parse_url(text)
+    except ValueError:
         reader.problem(
             name,
             redact_unparsed_url(text),
@@ -313,7 +316,7 @@ def read_postgres_url(
     return True, url.set(drivername="postgresql+psycopg2")
 
 
-def _database_url(reader: EnvReader) -> URL | None:
+def _database_url(reader: EnvReader) -> PgUrl | None:
     given, url = read_postgres_url(reader, "DATABASE_URL", "POSTGRES_PASSWORD")
     if given:
         return url
@@ -323,7 +326,7 @@ def _database_url(reader: EnvReader) -> URL | None:
     for name, value in names.items():
         if (reason := name_problem(value)) is not None:
             reader.problem(name, value, reason)
-    return URL.create(
+    return PgUrl.create(
         "postgresql+psycopg2",
         username=names["POSTGRES_USER"],
         password=reader.secret("POSTGRES_PASSWORD"),
@@ -347,7 +350,7 @@ def read_db_settings(reader: EnvReader) -> DbSettings:
             "DB_APPLICATION_NAME", application_name, "must be printable ASCII, <= 63 chars"
         )
     return DbSettings(
-        url=url if url is not None else make_url("postgresql+psycopg2:///invalid"),
+        url=url if url is not None else parse_url("postgresql+psycopg2:///invalid"),
         pool_size=reader.integer("DB_POOL_SIZE", 20, minimum=1, maximum=MAX_CONNECTIONS),
         max_overflow=reader.integer("DB_MAX_OVERFLOW", 40, minimum=0, maximum=MAX_CONNECTIONS),
         pool_timeout=reader.number("DB_POOL_TIMEOUT", 30.0, minimum=0.001),

@@ -9,8 +9,10 @@ A URL that two readers can understand differently is refused, with the way out i
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import URL
+if TYPE_CHECKING:
+    from db.pgurl import PgUrl
 
 INT_MAX = 2**31 - 1  # libpq parses integer parameters into a C int
 NAME_BYTES = 63  # PostgreSQL cuts longer database and role names: one would log in elsewhere
@@ -69,7 +71,7 @@ def url_text_problem(text: str, password_variable: str) -> str | None:
     return None
 
 
-def url_problem(url: URL) -> str | None:
+def url_problem(url: PgUrl) -> str | None:
     """Why a parsed URL would fail at connection time, or ``None``."""
     if url.port is not None and not 0 < url.port < 65536:
         return "port must be 1-65535"
@@ -107,7 +109,7 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def _unknown_parameter(url: URL) -> str | None:
+def _unknown_parameter(url: PgUrl) -> str | None:
     """A query key the installed libpq does not know fails every connection: say so now."""
     from psycopg2 import ProgrammingError
     from psycopg2.extensions import parse_dsn

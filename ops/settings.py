@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import URL
-
+from db.pgurl import PgUrl
 from db.redact import REDACTED, redact, redact_url
 from db.seed.settings import SeedSettings, read_seed_settings
 from db.settings import (
@@ -107,7 +106,7 @@ class SidecarSettings:
     pool_size: int = 2
     application_name: str = "dbops-sidecar"
     # MONITOR_DATABASE_URL: the exporter's own login (a pg_monitor role); None = the db settings
-    monitor_url: URL | None = field(default=None, repr=False, metadata={"secret": True})
+    monitor_url: PgUrl | None = field(default=None, repr=False, metadata={"secret": True})
     # OPS_ALERTS_TOKEN: the bearer token Alertmanager sends to POST /alerts; None = webhook off
     alerts_token: str | None = field(default=None, metadata={"secret": True})
     http_threads: int = 8
@@ -264,7 +263,7 @@ def _read_application_name(reader: EnvReader) -> str:
     return name
 
 
-def _read_monitor_url(reader: EnvReader) -> URL | None:
+def _read_monitor_url(reader: EnvReader) -> PgUrl | None:
     """``MONITOR_DATABASE_URL`` (or ``_FILE``), checked like ``DATABASE_URL``; without a
     password in it, the monitor role's ``MONITOR_DB_PASSWORD`` is used."""
     return read_postgres_url(reader, "MONITOR_DATABASE_URL", "MONITOR_DB_PASSWORD")[1]
@@ -310,7 +309,7 @@ def describe(settings: Settings) -> dict[str, dict[str, Any]]:
         entries: dict[str, Any] = {}
         for item in fields(value):
             entry = getattr(value, item.name)
-            if isinstance(entry, URL):
+            if isinstance(entry, PgUrl):
                 entry = redact_url(entry)
             elif item.metadata.get("secret"):
                 entry = REDACTED if entry is not None else None

@@ -30,7 +30,7 @@ def run_offline() -> None:
     from db.settings import load_db_settings
 
     context.configure(
-        url=load_db_settings().url,
+        url=load_db_settings().url.sqlalchemy(),
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
@@ -48,7 +48,7 @@ def run_online() -> None:
         return
     from db.settings import load_db_settings
 
-    engine = create_engine(load_db_settings().url, poolclass=NullPool)
+    engine = create_engine(load_db_settings().url.sqlalchemy(), poolclass=NullPool)
     try:
         with engine.connect() as connection:
             _configure(connection)

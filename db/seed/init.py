@@ -21,6 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from db import migrate
 from db.errors import error_line
+from db.pgurl import sqlalchemy_url
 from db.roles import RoleResult, ensure_roles, role_specs
 from db.seed.knowledge import SHIPPED_EXPORT
 from db.seed.run import SeedReport, seed
@@ -40,7 +41,7 @@ def wait_for_server(settings: DbSettings, timeout: float) -> float:
     deadline = started + timeout
     attempt_timeout = max(1, min(settings.connect_timeout, math.ceil(timeout) or 1))
     probe = sa_create_engine(
-        settings.url,
+        sqlalchemy_url(settings.url),
         poolclass=NullPool,
         connect_args={
             "application_name": settings.application_name,

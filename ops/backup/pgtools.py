@@ -14,13 +14,14 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import create_engine
-from sqlalchemy.engine import URL, Engine
-from sqlalchemy.pool import NullPool
-
+from db.pgurl import PgUrl, sqlalchemy_url
 from db.redact import redact
 from db.settings import DbSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 APPLICATION_NAME = "dbops-backup"  # the run's own session: version check, snapshot, row counts
 DUMP_APPLICATION_NAME = "dbops-pg_dump"  # pg_dump and its --jobs workers
@@ -34,10 +35,17 @@ OWN_APPLICATION_NAMES = (
     RESTORE_APPLICATION_NAME,
 )
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
-# URL query parameters and the libpq environment variables that carry them to pg_dump and
-# pg_restore (https://www.postgresql.org/docs/current/libpq-envars.html). host, port, user,
-# password and dbname are handled apart: the URL's own parts give them too.
-_LIBPQ_QUERY_ENV = {
+# libpq's connection keywords and the environment variables that carry them to pg_dump and
+# pg_restore (https://www.postgresql.org/docs/current/libpq-envars.html). A keyword without a
+# variable (keepalives, say) reaches the run's own connection only.
+_LIBPQ_ENV = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "dbname": "PGDATABASE",
+    "application_name": "PGAPPNAME",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
     "hostaddr": "PGHOSTADDR",
     "passfile": "PGPASSFILE",
     "channel_binding": "PGCHANNELBINDING",
@@ -109,31 +117,43 @@ def check_client_version(tool: ClientTool, server_version_num: int) -> None:
         )
 
 
-def libpq_env(
-    url: URL, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
+def libpq_params(
+    url: PgUrl, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
 ) -> dict[str, str]:
-    """This process's environment minus any ``PG*`` it carries, plus ``url`` as libpq variables.
+    """``url`` as libpq connection keywords: for ``psycopg2.connect`` and, through
+    :func:`libpq_env`, for the client programs, so both reach the same server the same way.
 
     What the URL's query says wins over its other parts, as it does for the pool's connections
     (SQLAlchemy hands the query to libpq last): ``postgresql://user@/db?host=/run/pg&port=5433``
-    reaches the socket ``/run/pg/.s.PGSQL.5433``, not the default port's.
+    reaches the socket ``/run/pg/.s.PGSQL.5433``, not the default port's. The application name
+    and connect timeout given here win over the query's, as an engine's ``connect_args`` do.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     query = {k: [v] if isinstance(v, str) else list(v) for k, v in url.query.items()}
     hosts, ports = _hosts_and_ports(query.pop("host", []))
-    values = {
-        "PGHOST": hosts or url.host,
-        "PGPORT": _last(query, "port") or ports or (str(url.port) if url.port else None),
-        "PGUSER": _last(query, "user") or url.username,
-        "PGPASSWORD": _last(query, "password")
-        or (url.password if isinstance(url.password, str) else None),
-        "PGDATABASE": url.database,
-        "PGAPPNAME": application_name,
-        "PGCONNECT_TIMEOUT": str(connect_timeout),
-    }
-    for key, variable in _LIBPQ_QUERY_ENV.items():
-        values[variable] = _last(query, key)
-    env.update({k: v for k, v in values.items() if v})
+    params = {key: values[-1] for key, values in query.items() if values}
+    params.update(
+        {
+            "host": hosts or url.host or "",
+            "port": _last(query, "port") or ports or (str(url.port) if url.port else ""),
+            "user": _last(query, "user") or url.username or "",
+            "password": _last(query, "password")
+            or (url.password if isinstance(url.password, str) else ""),
+            "dbname": url.database or "",
+            "application_name": application_name,
+            "connect_timeout": str(connect_timeout),
+        }
+    )
+    return {key: value for key, value in params.items() if value}
+
+
+def libpq_env(
+    url: PgUrl, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
+) -> dict[str, str]:
+    """This process's environment minus any ``PG*`` it carries, plus :func:`libpq_params`
+    as libpq's variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    params = libpq_params(url, application_name, connect_timeout)
+    env.update({_LIBPQ_ENV[key]: value for key, value in params.items() if key in _LIBPQ_ENV})
     return env
 
 
@@ -163,9 +183,12 @@ def backup_engine(
     settings: DbSettings, database: str | None = None, application_name: str = APPLICATION_NAME
 ) -> Engine:
     """A pool-less engine: backup jobs connect rarely and must not keep idle sessions open."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
     url = settings.url if database is None else settings.url.set(database=database)
     return create_engine(
-        url,
+        sqlalchemy_url(url),
         poolclass=NullPool,
         connect_args={
             "application_name": application_name,

@@ -31,10 +31,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+import psycopg2
+from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
 
 from db.errors import error_line
 from db.redact import redact
@@ -57,14 +59,15 @@ from ops.backup.manifest import (
     utc_now,
 )
 from ops.backup.pgtools import (
+    APPLICATION_NAME,
     DUMP_APPLICATION_NAME,
     ClientTool,
     ToolError,
-    backup_engine,
     check_client_version,
     find_tool,
     first_error_line,
     libpq_env,
+    libpq_params,
     quote_ident,
 )
 from ops.settings import BackupSettings, Settings
@@ -80,8 +83,7 @@ Progress = Callable[[int], None]  # bytes written so far
 
 # Tables whose data pg_dump writes: ordinary tables (partitions included, their parents hold no
 # rows of their own), not temporary ones, not members of extensions.
-TABLES_SQL = text(
-    r"""
+TABLES_SQL = r"""
     SELECT n.nspname, c.relname
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind = 'r' AND c.relpersistence <> 't'
@@ -91,8 +93,7 @@ TABLES_SQL = text(
                       WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                         AND d.deptype = 'e')
     ORDER BY 1, 2
-    """
-)
+"""
 
 
 class BackupError(Exception):
@@ -131,21 +132,38 @@ def pg_dump_command(
 
 
 def count_rows(connection: Connection, tables: list[tuple[str, str]]) -> dict[str, int]:
-    """Exact row counts. One backend only: the counts run beside pg_dump and must not take
-    the CPUs it needs with parallel workers."""
-    connection.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+    """Exact row counts, in the transaction open on ``connection``. One backend only: the
+    counts run beside pg_dump and must not take the CPUs it needs with parallel workers."""
     counts = {}
-    for schema, table in tables:
-        name = f"{quote_ident(schema)}.{quote_ident(table)}"
-        # straight to the driver, without parameters (a % in a name is not a placeholder): one
-        # text() per table would fill the engine's compiled-statement cache with thousands of
-        # one-off entries, resident in the sidecar until it restarts
-        counts[f"{schema}.{table}"] = int(
-            connection.exec_driver_sql(
-                f"SELECT count(*) FROM {name}", execution_options={"no_parameters": True}
-            ).scalar_one()
-        )
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        for schema, table in tables:
+            # no parameters are passed, so a % in a name is no placeholder
+            cursor.execute(f"SELECT count(*) FROM {quote_ident(schema)}.{quote_ident(table)}")
+            counts[f"{schema}.{table}"] = int(_row(cursor)[0])
     return counts
+
+
+def _row(cursor: Cursor) -> tuple[Any, ...]:
+    """The one row a query of the run returns."""
+    row = cursor.fetchone()
+    if row is None:
+        raise BackupError(f"no row returned by {str(cursor.query)[:60]!r}")
+    return tuple(row)
+
+
+def connect(
+    settings: Settings, application_name: str = APPLICATION_NAME, database: str | None = None
+) -> Connection:
+    """A plain psycopg2 connection with the settings' login and connect timeout, to their
+    database or ``database``: a backup needs one session for its snapshot, and psycopg2 alone
+    loads in a tenth of SQLAlchemy's time."""
+    db = settings.db
+    url = db.url if database is None else db.url.set(database=database)
+    connection: Connection = psycopg2.connect(
+        **libpq_params(url, application_name, db.connect_timeout)  # type: ignore[call-overload]
+    )
+    return connection
 
 
 def run_backup(
@@ -206,32 +224,33 @@ def _dump(
         started_at=format_time(started) or "",
     )
     # `pg_dump --version` (through Debian's Perl wrapper, a tenth of a second) runs while this
-    # thread loads the dialect, connects and exports the snapshot: all of it stands between the
-    # run's start and the dump's.
+    # thread connects and exports the snapshot: all of it stands between the run's start and the
+    # dump's.
     probe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbops-backup-probe")
     tool_found = probe.submit(find_tool, "pg_dump", backup.bindir)
-    engine = backup_engine(settings.db)
+    connection: Connection | None = None
     try:
         workdir.mkdir(mode=PRIVATE_DIR_MODE)  # never an existing name: nothing planted is used
-        with _tool_error_first(tool_found), engine.connect() as connection:
-            snapshot_holder = connection.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True
-            )
-            with snapshot_holder.begin():
-                version_num, version = snapshot_holder.execute(
-                    text("SELECT current_setting('server_version_num')::int, version()")
-                ).one()
+        with _tool_error_first(tool_found):
+            connection = connect(settings)
+            connection.set_session(isolation_level=ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT current_setting('server_version_num')::int, version()")
+                version_num, version = _row(cursor)
                 manifest.server_version = str(version)
                 tool = tool_found.result()
                 manifest.pg_dump_version = tool.version
                 check_client_version(tool, int(version_num))
-                snapshot = snapshot_holder.execute(text("SELECT pg_export_snapshot()")).scalar()
-                tables = [(str(s), str(t)) for s, t in snapshot_holder.execute(TABLES_SQL)]
-                command = pg_dump_command(tool, backup, temp, str(snapshot))
-                env = libpq_env(settings.db.url, DUMP_APPLICATION_NAME, settings.db.connect_timeout)
-                manifest.tables = _dump_while_counting(
-                    command, env, temp, snapshot_holder, tables, progress, cancel, lock_fd
-                )
+                cursor.execute("SELECT pg_export_snapshot()")
+                (snapshot,) = _row(cursor)
+                cursor.execute(TABLES_SQL)
+                tables = [(str(s), str(t)) for s, t in cursor.fetchall()]
+            command = pg_dump_command(tool, backup, temp, str(snapshot))
+            env = libpq_env(settings.db.url, DUMP_APPLICATION_NAME, settings.db.connect_timeout)
+            manifest.tables = _dump_while_counting(
+                command, env, temp, settings, connection, tables, progress, cancel, lock_fd
+            )
+            connection.rollback()  # read only: nothing to commit
         # pg_dump has fsynced its output already (we never pass --no-sync).
         manifest.files = checksum_dump(temp, backup.jobs, final_name)
         manifest.size_bytes = dump_size(temp)
@@ -271,7 +290,8 @@ def _dump(
         raise
     finally:
         probe.shutdown(wait=True)
-        engine.dispose()
+        if connection is not None:
+            connection.close()
 
 
 @contextlib.contextmanager
@@ -290,6 +310,7 @@ def _dump_while_counting(
     command: list[str],
     env: dict[str, str],
     output: Path,
+    settings: Settings,
     snapshot_holder: Connection,
     tables: list[tuple[str, str]],
     progress: Progress | None,
@@ -298,6 +319,7 @@ def _dump_while_counting(
 ) -> dict[str, int]:
     """Run pg_dump while a thread counts rows in the snapshot; the calling thread stays free to
     notice cancellation, Ctrl-C or a dead pg_dump, and to stop both sides."""
+    backend = snapshot_holder.get_backend_pid()  # asked before the count keeps it busy
     counted: list[dict[str, int]] = []
     count_error: list[BaseException] = []
 
@@ -335,7 +357,7 @@ def _dump_while_counting(
                     process.kill()
                     process.wait()
             if counter.is_alive():
-                _cancel_query(snapshot_holder)
+                _cancel_query(settings, backend)
                 counter.join(30)
         if process.returncode != 0:
             stderr.seek(0)
@@ -388,8 +410,8 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _cancel_query(connection: Connection) -> None:
-    """Interrupt the row count running on ``connection`` from another thread.
+def _cancel_query(settings: Settings, backend: int) -> None:
+    """Interrupt the row count that the server process ``backend`` runs for another thread.
 
     Through ``pg_cancel_backend`` on a connection of its own (connect and statement timeouts
     bounded), not psycopg2's ``cancel()``: that waits for the server while holding Python's
@@ -397,13 +419,13 @@ def _cancel_query(connection: Connection) -> None:
     sidecar, its HTTP endpoints and signal handling included.
     """
     try:
-        dbapi = connection.connection.dbapi_connection
-        if dbapi is None:
-            return
-        backend = dbapi.get_backend_pid()  # known locally: no round trip
-        with connection.engine.connect() as canceller:
-            canceller.execute(text("SET statement_timeout = '5s'"))
-            canceller.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": backend})
+        canceller = connect(settings)
+        try:
+            with canceller.cursor() as cursor:
+                cursor.execute("SET statement_timeout = '5s'")
+                cursor.execute("SELECT pg_cancel_backend(%s)", (backend,))
+        finally:
+            canceller.close()
     except Exception as exc:  # the connection may be gone already; nothing left to cancel
         log.debug("could not cancel the row count: %s", error_line(exc))
 
@@ -421,7 +443,7 @@ def _describe(exc: BaseException) -> str:
 def _describe_unredacted(exc: BaseException) -> str:
     if isinstance(exc, BackupError | ToolError):
         return str(exc)
-    if isinstance(exc, SQLAlchemyError):
+    if isinstance(exc, psycopg2.Error):
         return f"database error: {error_line(exc)}"
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")

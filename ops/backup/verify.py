@@ -51,7 +51,7 @@ from ops.backup.pgtools import (
     libpq_env,
     quote_ident,
 )
-from ops.backup.runner import count_rows
+from ops.backup.runner import TABLES_SQL, connect, count_rows
 from ops.backup.target import MAX_NAME_BYTES, SCRATCH_PREFIX, conninfo
 from ops.backup.toc import read_toc, restorable, restore_rights
 from ops.hints import spell
@@ -287,15 +287,14 @@ def _run_cancellable(
 
 
 def _compare_counts(settings: Settings, scratch: str, manifest: Manifest) -> tuple[list[str], str]:
-    from ops.backup.runner import TABLES_SQL
-
-    engine = backup_engine(settings.db, database=scratch, application_name=VERIFY_APPLICATION_NAME)
+    connection = connect(settings, VERIFY_APPLICATION_NAME, database=scratch)
     try:
-        with engine.connect() as connection:
-            tables = [(str(s), str(t)) for s, t in connection.execute(TABLES_SQL)]
-            restored = count_rows(connection, tables)
+        with connection.cursor() as cursor:
+            cursor.execute(TABLES_SQL)
+            tables = [(str(s), str(t)) for s, t in cursor.fetchall()]
+        restored = count_rows(connection, tables)
     finally:
-        engine.dispose()
+        connection.close()
     problems = [
         f"{name}: {restored.get(name, 'missing')} rows restored, {expected} at dump time"
         for name, expected in manifest.tables.items()

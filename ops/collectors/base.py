@@ -11,11 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import text
-from sqlalchemy.engine import Connection, Row
-
-if TYPE_CHECKING:  # ops.settings reads COLLECTOR_NAMES: `ops backup run` needs no prometheus_client
+if TYPE_CHECKING:  # ops.settings reads COLLECTOR_NAMES: `ops backup run` needs neither
     from prometheus_client.core import Metric
+    from sqlalchemy.engine import Connection, Row
 
 OTHER = "(other)"  # label value of the one series that sums everything past the top N
 
@@ -46,4 +44,6 @@ class Collector(Protocol):
 
 
 def rows(connection: Connection, sql: str, **params: Any) -> Sequence[Row[Any]]:
+    from sqlalchemy import text
+
     return connection.execute(text(sql), params).all()

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import URL
-
+from db.pgurl import PgUrl
 from ops.pitr.config import barman_config, barman_environment, passfile_text, write_private
 from ops.pitr.programs import ProgramsError, write_programs
 from ops.pitr.settings import SERVER_NAME, PitrSettings
@@ -90,7 +89,7 @@ class Barman:
     def __init__(
         self,
         settings: PitrSettings,
-        url: URL,
+        url: PgUrl,
         *,
         bindir: Path | None = None,
         connect_timeout: int = 10,

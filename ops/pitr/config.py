@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy.engine import URL
-
+from db.pgurl import PgUrl
 from ops.pitr.settings import SERVER_NAME, PitrSettings
 
 APPLICATION_NAME = "dbops-barman"
@@ -39,7 +38,7 @@ def conninfo_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def conninfo(url: URL, application_name: str, connect_timeout: int = 10) -> str:
+def conninfo(url: PgUrl, application_name: str, connect_timeout: int = 10) -> str:
     """A libpq connection string for ``url`` without its password."""
     query = {k: v if isinstance(v, str) else v[-1] for k, v in url.query.items()}
     parts: dict[str, str | None] = {
@@ -60,7 +59,7 @@ def conninfo(url: URL, application_name: str, connect_timeout: int = 10) -> str:
     return " ".join(words)
 
 
-def passfile_text(url: URL) -> str:
+def passfile_text(url: PgUrl) -> str:
     """The one ``.pgpass`` line for ``url``'s login, whatever host, port or database (the
     replication connection counts as database ``replication``)."""
 
@@ -83,7 +82,7 @@ def _ini(value: str) -> str:
 
 def barman_config(
     settings: PitrSettings,
-    url: URL,
+    url: PgUrl,
     *,
     os_user: str,
     path_prefix: str | None,

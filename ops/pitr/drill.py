@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
+from db.pgurl import sqlalchemy_url
 from ops.offsite.cloudread import CloudError
 from ops.pitr.barman import Barman, BarmanError
 from ops.pitr.keep import protect_proven
@@ -56,7 +57,7 @@ class DrillFailed(Exception):
 
 def _engine(settings: Settings, database: str) -> Engine:
     return create_engine(
-        settings.db.url.set(database=database),
+        sqlalchemy_url(settings.db.url.set(database=database)),
         poolclass=NullPool,
         isolation_level="AUTOCOMMIT",
         connect_args={

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from db.errors import error_line
+from db.pgurl import sqlalchemy_url
 from ops.offsite.metrics import OffsiteCounters
 from ops.offsite.shipper import Shipper
 from ops.pitr.barman import BackupInfo, BarmanError, make_barman
@@ -57,7 +58,7 @@ def pitr_engine(settings: Settings) -> Engine:
     """Pool-less, with a statement timeout: a WAL switch or status query never hangs a job."""
     timeout_ms = max(1000, int(settings.sidecar.query_timeout * 1000))
     return create_engine(
-        settings.db.url,
+        sqlalchemy_url(settings.db.url),
         poolclass=NullPool,
         connect_args={
             "application_name": PITR_APPLICATION_NAME,

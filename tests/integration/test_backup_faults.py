@@ -225,30 +225,32 @@ def test_every_session_of_a_running_backup_is_left_out_of_the_longest_transactio
 
 
 def test_row_count_is_cancelled_from_another_connection_not_by_blocking_the_interpreter(
-    source: URL,
+    source: URL, tmp_path: Path
 ) -> None:
     import threading
     import time
 
-    from sqlalchemy.exc import OperationalError
-    from sqlalchemy.pool import NullPool
+    import psycopg2
 
-    from ops.backup.runner import _cancel_query
+    from ops.backup.runner import _cancel_query, connect
 
-    engine = create_engine(source, poolclass=NullPool)
+    settings = settings_for(source, tmp_path / "backups")
     outcome: list[BaseException | None] = []
-    with engine.connect() as counting:
-        backend = counting.connection.dbapi_connection.get_backend_pid()  # type: ignore[union-attr]
+    counting = connect(settings)
+    try:
+        backend = counting.get_backend_pid()
 
         def long_count() -> None:
             try:
-                counting.execute(text("SELECT pg_sleep(60)"))
+                with counting.cursor() as cursor:
+                    cursor.execute("SELECT pg_sleep(60)")
                 outcome.append(None)
             except BaseException as exc:
                 outcome.append(exc)
 
         worker = threading.Thread(target=long_count, daemon=True)
         worker.start()
+        engine = create_engine(source)
         with engine.connect() as watcher:
             assert wait_for(
                 lambda: (
@@ -260,11 +262,13 @@ def test_row_count_is_cancelled_from_another_connection_not_by_blocking_the_inte
                 ),
                 10,
             )
+        engine.dispose()
         started = time.monotonic()
-        _cancel_query(counting)
+        _cancel_query(settings, backend)
         worker.join(15)
         assert not worker.is_alive(), "the count was not cancelled"
         assert time.monotonic() - started < 15
-    engine.dispose()
-    assert isinstance(outcome[0], OperationalError)
+    finally:
+        counting.close()
+    assert isinstance(outcome[0], psycopg2.errors.QueryCanceled)
     assert "canceling statement due to user request" in str(outcome[0])
