@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ops.backup.lock import open_lock_file
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
-from ops.pitr.settings import SERVER_NAME, PitrSettings
+from ops.pitr.settings import RECEIVE_WAL_LOCK, SERVER_NAME, PitrSettings
 from ops.pitr.status import PitrStatus, latest_archived_timeline
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
@@ -201,7 +201,7 @@ def _no_receiver(settings: PitrSettings) -> Iterator[bool]:
     out (yields False): the live server still has that WAL, and ``ops pitr switch-wal``
     before the restore archives it."""
     try:
-        descriptor = open_lock_file(settings.barman_home / f".{SERVER_NAME}-receive-wal.lock")
+        descriptor = open_lock_file(settings.barman_home / RECEIVE_WAL_LOCK)
     except OSError:  # a link or a non-regular file planted there included
         yield False
         return

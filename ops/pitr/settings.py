@@ -16,6 +16,8 @@ from db.settings import EnvReader
 DRILL_SOURCES = ("local", "offsite")  # offsite: restore from the object store alone
 DEFAULT_BARMAN = Path("/opt/barman/bin/barman")
 SERVER_NAME = "dbops"  # Barman's name for the one server it backs up
+# The file in barman_home that Barman's `receive-wal` holds locked while it streams.
+RECEIVE_WAL_LOCK = f".{SERVER_NAME}-receive-wal.lock"
 _SIZE = re.compile(r"^\s*(\d{1,16})\s*(kB|MB|GB|TB)?\s*$")
 _SIZE_UNITS = {"kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, None: 1024**2}
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")

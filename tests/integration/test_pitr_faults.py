@@ -25,7 +25,7 @@ from sqlalchemy import text
 from ops.pitr.restore import parse_lsn, segment_end_lsn
 from ops.pitr.scratch import ScratchServer
 from ops.pitr.service import PitrService
-from ops.pitr.settings import SERVER_NAME
+from ops.pitr.settings import RECEIVE_WAL_LOCK, SERVER_NAME
 from tests.conftest import run_ops
 from tests.integration.pitr_helpers import (
     Sidecar,
@@ -367,7 +367,7 @@ def test_kill_9_mid_transaction_loses_only_what_had_not_reached_the_sidecar(
 
         # While a receiver holds Barman's receive-wal lock the .partial can change under the
         # copy: the restore leaves it out and recovers what was archived.
-        lock = pitr_settings(env).pitr.barman_home / f".{SERVER_NAME}-receive-wal.lock"
+        lock = pitr_settings(env).pitr.barman_home / RECEIVE_WAL_LOCK
         with lock.open("a") as receiver:
             fcntl.flock(receiver, fcntl.LOCK_EX)
             archived_only, _ = restored_ledger(cluster, env)

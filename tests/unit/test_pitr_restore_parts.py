@@ -22,6 +22,7 @@ from ops.pitr.restore import (
     prepare_destination,
     segment_end_lsn,
 )
+from ops.pitr.settings import RECEIVE_WAL_LOCK
 from ops.pitr.state import DrillRecord, last_drill, last_good_drill, record_drill
 from ops.pitr.status import PitrStatus
 
@@ -181,7 +182,7 @@ def _barman_home(path: Path) -> Any:
 def test_the_partial_segment_is_taken_only_while_no_receiver_holds_its_lock(
     tmp_path: Path,
 ) -> None:
-    lock = tmp_path / ".dbops-receive-wal.lock"
+    lock = tmp_path / RECEIVE_WAL_LOCK
     with _no_receiver(_barman_home(tmp_path)) as free:
         assert free
     receiver = os.open(lock, os.O_RDWR)
@@ -197,7 +198,7 @@ def test_the_partial_segment_is_taken_only_while_no_receiver_holds_its_lock(
 def test_a_planted_receiver_lock_is_neither_followed_nor_trusted(
     tmp_path: Path, planted: str
 ) -> None:
-    lock = tmp_path / ".dbops-receive-wal.lock"
+    lock = tmp_path / RECEIVE_WAL_LOCK
     victim = tmp_path / "victim"
     victim.write_text("kept")
     if planted == "symlink":
