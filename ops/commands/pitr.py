@@ -209,7 +209,11 @@ def run_backup(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         barman.prepare()
-        barman.cron()  # streaming must run for the backup's WAL to reach the archive
+        # Streaming must run for the backup's WAL to reach the archive: `barman cron` starts
+        # it when it does not. When it runs already the sidecar's own cron (every
+        # PITR_CRON_INTERVAL) applies retention, and `barman backup --wait` archives the WAL.
+        if not barman.receiving():
+            barman.cron()
         backup = barman.show(barman.backup())
     except BarmanError as error:
         return _fail(f"base backup failed: {error}")

@@ -7,11 +7,14 @@ failure into one line (Barman's own error, never a traceback or a password).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pwd
 import re
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from db.pgurl import PgUrl
 from ops.pitr.config import barman_config, barman_environment, passfile_text, write_private
 from ops.pitr.programs import ProgramsError, write_programs
-from ops.pitr.settings import SERVER_NAME, PitrSettings
+from ops.pitr.settings import RECEIVE_WAL_LOCK, SERVER_NAME, PitrSettings
 
 if TYPE_CHECKING:
     from ops.settings import Settings
@@ -78,6 +81,30 @@ def _error_of(stdout: str, stderr: str) -> str:
             if isinstance(messages, list) and messages:
                 return _first_line(str(messages[0]))
     return _first_line(stderr or stdout)
+
+
+@contextlib.contextmanager
+def receive_wal_lock(settings: PitrSettings) -> Iterator[bool]:
+    """Take Barman's receive-wal lock when no receiver holds it (yields True) and hold it for
+    the block: meanwhile no ``receive-wal`` starts, so nothing writes the ``.partial``
+    segment. Yields False when a receiver holds it, or when what is there is no plain file
+    (a planted link or FIFO is never taken for a free lock)."""
+    from ops.backup.lock import open_lock_file
+
+    try:
+        descriptor = open_lock_file(settings.barman_home / RECEIVE_WAL_LOCK)
+    except OSError:  # a link or a non-regular file planted there included
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 _BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}$")  # how Barman names a backup
@@ -170,6 +197,11 @@ class Barman:
         return data.get(SERVER_NAME)
 
     # -- commands -----------------------------------------------------------------------------
+
+    def receiving(self) -> bool:
+        """Whether ``receive-wal`` is streaming, tested as Barman tests it: by its lock."""
+        with receive_wal_lock(self.settings) as free:
+            return not free
 
     def cron(self) -> None:
         """Start ``receive-wal`` when it is not running (creating the slot when missing), move

@@ -9,18 +9,15 @@ result names, never deleted). Only then does ``barman recover`` run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ops.backup.lock import open_lock_file
-from ops.pitr.barman import BackupInfo, Barman, BarmanError
-from ops.pitr.settings import RECEIVE_WAL_LOCK, SERVER_NAME, PitrSettings
+from ops.pitr.barman import BackupInfo, Barman, BarmanError, receive_wal_lock
+from ops.pitr.settings import SERVER_NAME
 from ops.pitr.status import PitrStatus, latest_archived_timeline
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
@@ -193,29 +190,6 @@ class RestoreResult:
     seconds: float
 
 
-@contextlib.contextmanager
-def _no_receiver(settings: PitrSettings) -> Iterator[bool]:
-    """Hold Barman's receive-wal lock for the restore when no receiver holds it (yields True):
-    then nothing writes the ``.partial`` segment while it is copied. A running receiver can
-    complete the segment under the copy (it renames it), so with one its ``.partial`` is left
-    out (yields False): the live server still has that WAL, and ``ops pitr switch-wal``
-    before the restore archives it."""
-    try:
-        descriptor = open_lock_file(settings.barman_home / RECEIVE_WAL_LOCK)
-    except OSError:  # a link or a non-regular file planted there included
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except OSError:
-            held = False
-        yield held
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
 def restore(
     barman: Barman,
     status: PitrStatus,
@@ -253,7 +227,7 @@ def restore(
         # Only "latest" reads the segment being streamed: a recovery to a time or an LSN leaves
         # the receiver's lock alone, so streaming can restart while it copies.
         latest = target.kind == "latest"
-        receiver = _no_receiver(barman.settings) if latest else contextlib.nullcontext(False)
+        receiver = receive_wal_lock(barman.settings) if latest else contextlib.nullcontext(False)
         with receiver as no_receiver:
             if no_receiver:
                 # The segment being streamed when the server stopped (``.partial``, flushed

@@ -57,6 +57,8 @@ class PitrSettings:
     # How long streaming may be down before /healthz reports it.
     streaming_down_limit: float = 300.0
     cron_interval: float = 30.0  # how often `barman cron` supervises streaming and retention
+    # The rsync processes `barman recover` copies a base backup with (its parallel_jobs).
+    recovery_jobs: int = 2
     barman: Path = DEFAULT_BARMAN
 
     @property
@@ -121,6 +123,9 @@ def read_pitr_settings(reader: EnvReader) -> PitrSettings:
         ),
         cron_interval=read_bounded_duration(
             reader, "PITR_CRON_INTERVAL", PitrSettings.cron_interval, 5.0, 3600.0
+        ),
+        recovery_jobs=reader.integer(
+            "PITR_RECOVERY_JOBS", PitrSettings.recovery_jobs, minimum=1, maximum=32
         ),
         barman=_read_barman(reader, enabled),
     )

@@ -11,25 +11,23 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import exc, text
-from sqlalchemy.engine import Engine
+from typing import TYPE_CHECKING, Any
 
 from db.errors import error_line
 from ops.pitr.barman import BackupInfo, Barman, BarmanError
 from ops.pitr.config import STREAMING_APPLICATION_NAME
 from ops.pitr.settings import SERVER_NAME, PitrSettings
 
-_SLOT_SQL = text(
-    """
+if TYPE_CHECKING:  # SQLAlchemy only where the server is asked: `ops pitr restore` never does
+    from sqlalchemy.engine import Engine
+
+_SLOT_SQL = """
     SELECT s.active, s.wal_status,
            pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes,
            s.restart_lsn::text AS restart_lsn
       FROM pg_replication_slots s
      WHERE s.slot_name = :slot
     """
-)
 # For a row of pg_stat_replication: how old the oldest WAL the receiver has not confirmed
 # flushed can be, in seconds (what a loss of the server would lose). 0 when it has flushed all
 # the server wrote; else the time since its last reply, plus the flush lag it reported then if
@@ -45,8 +43,7 @@ LAG_SECONDS_SQL = """
               + CASE WHEN flush_lsn >= sent_lsn THEN 0
                      ELSE COALESCE(EXTRACT(epoch FROM flush_lag), 0) END
     END::float8"""
-_SERVER_SQL = text(
-    f"""
+_SERVER_SQL = f"""
     SELECT pg_current_wal_lsn()::text AS current_lsn,
            pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
            (SELECT setting::bigint FROM pg_settings
@@ -59,7 +56,6 @@ _SERVER_SQL = text(
              ORDER BY backend_start DESC LIMIT 1) AS lag_seconds,
            (SELECT count(*) FROM pg_stat_replication WHERE application_name = :app) AS streamers
     """
-)
 
 
 @dataclass
@@ -208,11 +204,15 @@ def _lines(path: Path) -> list[str]:
 
 def server_state(engine: Engine, settings: PitrSettings, status: PitrStatus) -> None:
     """Fill the slot and streaming lag from the server; on failure record why."""
+    from sqlalchemy import exc, text
+
     try:
         with engine.connect() as connection:
-            row = connection.execute(_SLOT_SQL, {"slot": settings.slot_name}).mappings().first()
+            row = (
+                connection.execute(text(_SLOT_SQL), {"slot": settings.slot_name}).mappings().first()
+            )
             server = (
-                connection.execute(_SERVER_SQL, {"app": STREAMING_APPLICATION_NAME})
+                connection.execute(text(_SERVER_SQL), {"app": STREAMING_APPLICATION_NAME})
                 .mappings()
                 .one()
             )

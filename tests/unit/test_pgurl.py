@@ -126,16 +126,26 @@ def test_settings_take_a_sqlalchemy_url_as_the_same_parts() -> None:
     assert PgUrl.of(settings.url) is settings.url
 
 
-def test_a_backup_run_loads_no_sqlalchemy(tmp_path: Path) -> None:
-    """What `ops backup run` imports before pg_dump starts: its command module, the settings
-    (every section checked) and the runner. SQLAlchemy alone cost about 0.2 s of each run."""
+@pytest.mark.parametrize(
+    ("command", "modules"),
+    [
+        ("backup", "ops.backup.lock, ops.backup.prune, ops.backup.runner"),
+        ("pitr", "ops.commands.pitr, ops.pitr.barman, ops.pitr.restore, ops.pitr.status"),
+    ],
+)
+def test_backup_and_restore_commands_load_no_sqlalchemy(
+    tmp_path: Path, command: str, modules: str
+) -> None:
+    """What `ops backup run` imports before pg_dump starts, and `ops pitr backup | restore`
+    before Barman starts: the command module, the settings (every section checked) and what
+    runs the command. SQLAlchemy alone cost about 0.2 s of each run."""
     code = (
         "import sys\n"
         "from ops.cli import build_parser\n"
-        "build_parser('backup')\n"
+        f"build_parser({command!r})\n"
         "from ops.settings import load_settings\n"
         "load_settings()\n"
-        "import ops.backup.lock, ops.backup.prune, ops.backup.runner\n"
+        f"import {modules}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sqlalchemy'))\n"
     )
     env = {

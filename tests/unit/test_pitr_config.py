@@ -34,6 +34,7 @@ BAD_PITR_VALUES = {
     "PITR_SLOT_NAME": "Bad-Slot",
     "PITR_STREAMING_DOWN_LIMIT": "99999999d",
     "PITR_CRON_INTERVAL": "1s",
+    "PITR_RECOVERY_JOBS": "0",
     "PITR_BARMAN": "/nonexistent/barman",
 }
 SECRET = "s3cr%t:pa\\ss'word"
@@ -74,6 +75,7 @@ def test_pitr_defaults_are_off_with_a_week_of_recovery_window() -> None:
     assert (pitr.enabled, pitr.retention_days, pitr.min_redundancy) == (False, 7, 1)
     assert pitr.archive_timeout == 60.0
     assert pitr.max_slot_wal_keep_size == 10 * 1024**3
+    assert pitr.recovery_jobs == 2
 
 
 def test_enabling_pitr_without_barman_installed_is_a_config_error(
@@ -137,6 +139,15 @@ def test_barman_reads_back_exactly_the_values_we_generated() -> None:
     assert server["minimum_redundancy"] == "1"
     assert (server["streaming_archiver"], server["archiver"]) == ("on", "off")
     assert server["path_prefix"] == "/usr/lib/postgresql/17/bin"
+    assert server["parallel_jobs"] == "2"
+
+
+def test_recovery_jobs_reach_barmans_parallel_jobs() -> None:
+    pitr = load_settings({"PITR_RECOVERY_JOBS": "4"}).pitr
+    assert pitr.recovery_jobs == 4
+    text = barman_config(pitr, url(), os_user="dbops", path_prefix=None)
+    assert "\nparallel_jobs = 4\n" in text
+    assert problems_for({"PITR_RECOVERY_JOBS": "33"}) == ["PITR_RECOVERY_JOBS 33: must be <= 32"]
 
 
 def test_conninfo_quotes_hostile_values_as_one_libpq_value() -> None:

@@ -11,10 +11,9 @@ from typing import Any, cast
 
 import pytest
 
-from ops.pitr.barman import BackupInfo
+from ops.pitr.barman import BackupInfo, receive_wal_lock
 from ops.pitr.restore import (
     RestoreRefused,
-    _no_receiver,
     choose_backup,
     format_lsn,
     parse_lsn,
@@ -183,12 +182,12 @@ def test_the_partial_segment_is_taken_only_while_no_receiver_holds_its_lock(
     tmp_path: Path,
 ) -> None:
     lock = tmp_path / RECEIVE_WAL_LOCK
-    with _no_receiver(_barman_home(tmp_path)) as free:
+    with receive_wal_lock(_barman_home(tmp_path)) as free:
         assert free
     receiver = os.open(lock, os.O_RDWR)
     try:
         fcntl.flock(receiver, fcntl.LOCK_EX)
-        with _no_receiver(_barman_home(tmp_path)) as free:
+        with receive_wal_lock(_barman_home(tmp_path)) as free:
             assert not free
     finally:
         os.close(receiver)
@@ -205,6 +204,6 @@ def test_a_planted_receiver_lock_is_neither_followed_nor_trusted(
         lock.symlink_to(victim)
     else:
         os.mkfifo(lock)
-    with _no_receiver(_barman_home(tmp_path)) as free:
+    with receive_wal_lock(_barman_home(tmp_path)) as free:
         assert not free
     assert victim.read_text() == "kept"
