@@ -111,6 +111,8 @@ def name_problem(name: str) -> str | None:
 
 def _unknown_parameter(url: PgUrl) -> str | None:
     """A query key the installed libpq does not know fails every connection: say so now."""
+    if not url.query:  # the usual URL: no need to load libpq's bindings to check nothing
+        return None
     from psycopg2 import ProgrammingError
     from psycopg2.extensions import parse_dsn
 
