@@ -8,6 +8,7 @@ failure into one line (Barman's own error, never a traceback or a password).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -83,28 +84,34 @@ def _error_of(stdout: str, stderr: str) -> str:
     return _first_line(stderr or stdout)
 
 
-@contextlib.contextmanager
-def receive_wal_lock(settings: PitrSettings) -> Iterator[bool]:
-    """Take Barman's receive-wal lock when no receiver holds it (yields True) and hold it for
-    the block: meanwhile no ``receive-wal`` starts, so nothing writes the ``.partial``
-    segment. Yields False when a receiver holds it, or when what is there is no plain file
-    (a planted link or FIFO is never taken for a free lock)."""
+def _try_receive_wal_lock(settings: PitrSettings) -> tuple[int | None, bool]:
+    """Try Barman's receive-wal lock: (a descriptor holding it, or None; whether a receiver
+    holds it). A planted link or FIFO is neither followed nor taken for a free lock."""
     from ops.backup.lock import open_lock_file
 
     try:
         descriptor = open_lock_file(settings.barman_home / RECEIVE_WAL_LOCK)
-    except OSError:  # a link or a non-regular file planted there included
-        yield False
-        return
+    except OSError:
+        return None, False
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except OSError:
-            held = False
-        yield held
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        return None, error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    return descriptor, False
+
+
+@contextlib.contextmanager
+def receive_wal_lock(settings: PitrSettings) -> Iterator[bool]:
+    """Take Barman's receive-wal lock when no receiver holds it (yields True) and hold it for
+    the block: meanwhile no ``receive-wal`` starts, so nothing writes the ``.partial``
+    segment. Yields False when a receiver holds it or the lock is unusable."""
+    descriptor, _ = _try_receive_wal_lock(settings)
+    try:
+        yield descriptor is not None
     finally:
-        os.close(descriptor)  # releases the lock
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
 
 
 _BACKUP_ID = re.compile(r"^[0-9]{8}T[0-9]{6}$")  # how Barman names a backup
@@ -199,9 +206,12 @@ class Barman:
     # -- commands -----------------------------------------------------------------------------
 
     def receiving(self) -> bool:
-        """Whether ``receive-wal`` is streaming, tested as Barman tests it: by its lock."""
-        with receive_wal_lock(self.settings) as free:
-            return not free
+        """Whether ``receive-wal`` is streaming, tested as Barman tests it: by its lock. An
+        unusable lock file counts as not streaming: ``barman cron`` then says what is wrong."""
+        descriptor, held = _try_receive_wal_lock(self.settings)
+        if descriptor is not None:
+            os.close(descriptor)
+        return held
 
     def cron(self) -> None:
         """Start ``receive-wal`` when it is not running (creating the slot when missing), move

@@ -11,7 +11,8 @@ from typing import Any, cast
 
 import pytest
 
-from ops.pitr.barman import BackupInfo, receive_wal_lock
+from db.pgurl import parse_url
+from ops.pitr.barman import BackupInfo, Barman, receive_wal_lock
 from ops.pitr.restore import (
     RestoreRefused,
     choose_backup,
@@ -21,7 +22,7 @@ from ops.pitr.restore import (
     prepare_destination,
     segment_end_lsn,
 )
-from ops.pitr.settings import RECEIVE_WAL_LOCK
+from ops.pitr.settings import RECEIVE_WAL_LOCK, PitrSettings
 from ops.pitr.state import DrillRecord, last_drill, last_good_drill, record_drill
 from ops.pitr.status import PitrStatus
 
@@ -207,3 +208,24 @@ def test_a_planted_receiver_lock_is_neither_followed_nor_trusted(
     with receive_wal_lock(_barman_home(tmp_path)) as free:
         assert not free
     assert victim.read_text() == "kept"
+
+
+def test_streaming_counts_as_running_only_while_a_receiver_holds_its_lock(
+    tmp_path: Path,
+) -> None:
+    """`ops pitr backup` skips `barman cron` only then; a planted lock file makes it run cron,
+    which reports the problem, rather than be taken for a running receiver."""
+    barman = Barman(PitrSettings(directory=tmp_path), parse_url("postgresql://u@h/d"))
+    home = barman.settings.barman_home
+    home.mkdir()
+    assert not barman.receiving()
+    receiver = os.open(home / RECEIVE_WAL_LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(receiver, fcntl.LOCK_EX)
+        assert barman.receiving()
+    finally:
+        os.close(receiver)
+    assert not barman.receiving()
+    (home / RECEIVE_WAL_LOCK).unlink()
+    os.mkfifo(home / RECEIVE_WAL_LOCK)
+    assert not barman.receiving()
