@@ -105,7 +105,10 @@ def _try_receive_wal_lock(settings: PitrSettings) -> tuple[int | None, bool]:
 def receive_wal_lock(settings: PitrSettings) -> Iterator[bool]:
     """Take Barman's receive-wal lock when no receiver holds it (yields True) and hold it for
     the block: meanwhile no ``receive-wal`` starts, so nothing writes the ``.partial``
-    segment. Yields False when a receiver holds it or the lock is unusable."""
+    segment. Yields False when a receiver holds it or the lock is unusable. A running
+    receiver can complete the segment under a copy (it renames it), so a restore leaves its
+    ``.partial`` out then: the live server still has that WAL, and ``ops pitr switch-wal``
+    before the restore archives it."""
     descriptor, _ = _try_receive_wal_lock(settings)
     try:
         yield descriptor is not None

@@ -108,8 +108,8 @@ def barman_config(
         ("minimum_redundancy", str(settings.min_redundancy)),
         ("wal_retention_policy", "main"),
         ("retention_policy_mode", "auto"),
-        # A recovery (and the drill) copies the backup with this many rsync processes: one
-        # rsync is bound by its own CPU well before the disk on a local copy.
+        # A recovery (and the drill) copies the backup with this many rsync processes: each
+        # passes every byte between its own processes, so one is slower than the disk here.
         ("parallel_jobs", str(settings.recovery_jobs)),
     ]
     if path_prefix:

@@ -119,9 +119,10 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
 
 def _settle() -> None:
     """Write out what earlier steps left dirty in the page cache before a timed step starts.
-    ``pg_basebackup`` and a starting server fsync what they wrote, and on a busy disk the
-    writeback of the step before (a gigabyte or more) would otherwise be charged to whichever
-    step comes next: with it bare ``pg_basebackup`` of 3 GB here took 6.8 to 14.9 s."""
+    ``pg_basebackup`` and a starting server fsync what they wrote, so the writeback of the
+    step before (a gigabyte or more) would otherwise be charged to whichever step comes next.
+    It does not steady the disk itself: bare ``pg_basebackup`` of 3 GB here still took 6.5 to
+    13.9 s over 5 rounds with it (6.8 to 14.9 s over 3 without)."""
     os.sync()
 
 
