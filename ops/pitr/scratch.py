@@ -49,6 +49,15 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# What the server logs as FATAL when it turns a client away while starting or stopping: a
+# connection of wait_promoted's, not the reason the server stopped.
+_REFUSED_CONNECTION = (
+    "the database system is not accepting connections",
+    "the database system is starting up",
+    "the database system is shutting down",
+)
+
+
 class ScratchServer:
     def __init__(self, datadir: Path, bindir: Path) -> None:
         self.datadir = datadir
@@ -124,6 +133,8 @@ class ScratchServer:
             return "no server log"
         for line in reversed(lines):
             if "FATAL" in line or "PANIC" in line or "ERROR" in line:
+                if any(answer in line for answer in _REFUSED_CONNECTION):
+                    continue  # our own polling, refused while the server stopped: not why
                 return line.strip()
         return lines[-1].strip() if lines else "no server log"
 

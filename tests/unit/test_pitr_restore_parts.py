@@ -229,3 +229,23 @@ def test_streaming_counts_as_running_only_while_a_receiver_holds_its_lock(
     (home / RECEIVE_WAL_LOCK).unlink()
     os.mkfifo(home / RECEIVE_WAL_LOCK)
     assert not barman.receiving()
+
+
+def test_the_stopped_servers_reason_is_not_our_own_refused_connection(tmp_path: Path) -> None:
+    """wait_promoted polls while a server that cannot reach its target shuts down: the
+    FATAL that turned that connection away comes after PostgreSQL's reason, and is not it."""
+    from ops.pitr.scratch import ScratchServer
+
+    server = ScratchServer.__new__(ScratchServer)
+    server.logfile = tmp_path / "server.log"
+    server.logfile.write_text(
+        "LOG:  starting PostgreSQL 15\n"
+        "FATAL:  recovery ended before configured recovery target was reached\n"
+        "LOG:  startup process (PID 7) exited with exit code 1\n"
+        "FATAL:  the database system is not accepting connections\n"
+        "FATAL:  the database system is shutting down\n"
+        "LOG:  database system is shut down\n"
+    )
+    assert server.last_log_line() == (
+        "FATAL:  recovery ended before configured recovery target was reached"
+    )
