@@ -36,12 +36,15 @@ _KINDS = (
             "SignatureDoesNotMatch",
             "AccessDenied",
             "Forbidden",
-            "403",
+            "(403)",
             "Unable to locate credentials",
             "NoCredentials",
         ),
     ),
-    (SERVER, ("ServiceUnavailable", "InternalError", "SlowDown", "503", "500", "502", "504")),
+    (
+        SERVER,
+        ("ServiceUnavailable", "InternalError", "SlowDown", "(503)", "(500)", "(502)", "(504)"),
+    ),
     (
         UNREACHABLE,
         (
@@ -59,7 +62,16 @@ _KINDS = (
 )
 
 
+# A URL in an error line names the bucket, the prefix and the file, any of which may hold a
+# word above ("dbops-503" is a bucket name, not a status): it is left out of the match.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
 def classify_output(text: str) -> str:
+    """The kind of failure Barman Cloud's output reports. Status codes count only in the form
+    boto3 prints them, ``An error occurred (503)``, so that a process id or a millisecond in
+    the log prefix is not taken for one."""
+    text = _URL.sub("", text)
     for kind, words in _KINDS:
         if any(word in text for word in words):
             return kind

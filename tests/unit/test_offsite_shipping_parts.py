@@ -104,6 +104,32 @@ def test_barman_cloud_failures_are_classified_and_shortened_to_their_error() -> 
     assert classify_output("something else entirely") == "other"
 
 
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        # A bucket name with "503" in it: the store was down, not answering 503.
+        (
+            "2026-11-29 18:06:58,377 [25401] ERROR: Barman cloud WAL archiver exception: "
+            "Connection was closed before we received a valid response from endpoint URL: "
+            '"http://127.0.0.1:39107/dbops-test-95cafc9503a4/site-a/dbops/wals/'
+            '0000000100000000/00000001000000000000000C.gz".',
+            "unreachable",
+        ),
+        ("s3://backups-403/site: Could not connect to the endpoint URL", "unreachable"),
+        ("2026-11-29 18:06:58,500 [503] ERROR: Connection reset by peer", "unreachable"),
+        (
+            "An error occurred (503) when calling the PutObject operation (reached max "
+            "retries: 2): Service Unavailable",
+            "server",
+        ),
+        ("An error occurred (403) when calling the HeadBucket operation: Forbidden", "credentials"),
+        ("An error occurred (502) when calling the PutObject operation: Bad Gateway", "server"),
+    ],
+)
+def test_a_status_code_counts_only_where_boto3_prints_one(text: str, kind: str) -> None:
+    assert classify_output(text) == kind
+
+
 def archive(tmp_path: Path, names: list[str]) -> list[tuple[str, Path]]:
     wals = tmp_path / "archive"
     wals.mkdir(exist_ok=True)
