@@ -132,7 +132,7 @@ def _spread(values: list[float]) -> str:
 
 def _ratios(ours: list[float], bare: list[float], target: str) -> str:
     """The ratio of the medians, of the bests, and the median of each round's own ratio (a
-    round times both sides back to back, so the last pairs each time with its neighbour)."""
+    round times both sides back to back, so each of its ratios compares like with like)."""
     paired = statistics.median(o / b for o, b in zip(ours, bare, strict=True))
     return (
         f"ratio of medians {statistics.median(ours) / statistics.median(bare):.3f}x, "
